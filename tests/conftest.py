@@ -1,0 +1,35 @@
+"""Shared fixtures: the repo path, a prepared data cache, and a helper to run the trainer."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+def clean_env(**extra):
+    """The parent environment minus any AR_ variables (a developer's shell must not leak knobs into tests)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AR_")}
+    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "2"))
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+@pytest.fixture(scope="session")
+def ar_cache(tmp_path_factory):
+    """A cache dir with the smoke and tiny profiles prepared on the offline corpus (built once per session)."""
+    cache = tmp_path_factory.mktemp("ar-cache")
+    for profile in ("smoke", "tiny"):
+        subprocess.run([PY, "prepare/prepare.py", "--profile", profile], cwd=REPO, check=True,
+                       env=clean_env(AR_CACHE_DIR=cache), stdout=subprocess.DEVNULL)
+    return cache
+
+
+def run_train(cache, timeout=300, **env):
+    """Run trainer/train.py as a user would; returns the CompletedProcess (text mode)."""
+    return subprocess.run([PY, "trainer/train.py"], cwd=REPO, env=clean_env(AR_CACHE_DIR=cache, **env),
+                          capture_output=True, text=True, timeout=timeout)
