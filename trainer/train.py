@@ -64,6 +64,7 @@ KV_HEAD_RATIO = 1         # query heads per key/value head (1 = plain multi-head
 MLP_RATIO = 4             # MLP hidden width = MLP_RATIO * model_dim
 LOGIT_SOFTCAP = 15.0      # logits = cap * tanh(logits / cap); keeps early training stable
 ROPE_BASE = 10000.0       # rotary embedding base frequency
+VALUE_EMBEDS = True       # value embeddings (ResFormer) on alternating layers, gated per head
 
 # ---- Batch ----
 TOTAL_BATCH_SIZE = 2**19  # tokens per optimizer step (gradient accumulation makes up the rest)
@@ -173,20 +174,27 @@ def apply_rotary(x, cos, sin):
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
+VE_GATE_CHANNELS = 32  # the value-embedding gate looks at this many leading channels of x
+
+
 class Attention(nn.Module):
-    def __init__(self, dim, n_head, n_kv_head, head_dim):
+    def __init__(self, dim, n_head, n_kv_head, head_dim, value_embed):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, head_dim
         self.c_q = nn.Linear(dim, n_head * head_dim, bias=False)
         self.c_k = nn.Linear(dim, n_kv_head * head_dim, bias=False)
         self.c_v = nn.Linear(dim, n_kv_head * head_dim, bias=False)
         self.c_proj = nn.Linear(n_head * head_dim, dim, bias=False)
+        self.ve_gate = nn.Linear(min(VE_GATE_CHANNELS, dim), n_kv_head, bias=False) if value_embed else None
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, ve=None):
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if ve is not None:  # mix in this layer's value embedding of the input tokens, gated per head
+            gate = 2 * torch.sigmoid(self.ve_gate(x[..., : self.ve_gate.in_features]))
+            v = v + gate.unsqueeze(-1) * ve.view_as(v)
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))  # QK-norm
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_head != self.n_kv_head)
@@ -204,22 +212,28 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim, n_head, n_kv_head, head_dim, mlp_hidden):
+    def __init__(self, dim, n_head, n_kv_head, head_dim, mlp_hidden, value_embed):
         super().__init__()
-        self.attn = Attention(dim, n_head, n_kv_head, head_dim)
+        self.attn = Attention(dim, n_head, n_kv_head, head_dim, value_embed)
         self.mlp = MLP(dim, mlp_hidden)
 
-    def forward(self, x, cos, sin):
-        x = x + self.attn(norm(x), cos, sin)
+    def forward(self, x, cos, sin, ve=None):
+        x = x + self.attn(norm(x), cos, sin, ve)
         return x + self.mlp(norm(x))
 
 
 class GPT(nn.Module):
-    def __init__(self, vocab_size, seq_len, depth, dim, n_head, n_kv_head, head_dim, mlp_hidden, softcap, rope_base):
+    def __init__(self, vocab_size, seq_len, depth, dim, n_head, n_kv_head, head_dim, mlp_hidden, softcap, rope_base,
+                 value_embeds=False):
         super().__init__()
         self.vocab_size, self.softcap = vocab_size, softcap
         self.wte = nn.Embedding(vocab_size, dim)
-        self.blocks = nn.ModuleList(Block(dim, n_head, n_kv_head, head_dim, mlp_hidden) for _ in range(depth))
+        # Value embeddings on alternating layers, the last one included.
+        self.ve_layers = [i for i in range(depth) if value_embeds and i % 2 == (depth - 1) % 2]
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(vocab_size, n_kv_head * head_dim)
+                                           for i in self.ve_layers})
+        self.blocks = nn.ModuleList(Block(dim, n_head, n_kv_head, head_dim, mlp_hidden, i in self.ve_layers)
+                                    for i in range(depth))
         self.lm_head = nn.Linear(dim, vocab_size, bias=False)
         # Per-layer residual mixing: x <- resid[i] * x + x0[i] * (the normed embedding).
         self.resid_lambdas = nn.Parameter(torch.ones(depth))
@@ -233,12 +247,17 @@ class GPT(nn.Module):
     def init_weights(self):
         nn.init.normal_(self.wte.weight, std=1.0)
         nn.init.normal_(self.lm_head.weight, std=0.001)
+        for emb in self.value_embeds.values():
+            bound = 3**0.5 * emb.embedding_dim**-0.5
+            nn.init.uniform_(emb.weight, -bound, bound)
         for block in self.blocks:
             for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
                 bound = 3**0.5 * lin.in_features**-0.5
                 nn.init.uniform_(lin.weight, -bound, bound)
             nn.init.zeros_(block.attn.c_proj.weight)  # each block starts as the identity
             nn.init.zeros_(block.mlp.c_proj.weight)
+            if block.attn.ve_gate is not None:
+                nn.init.zeros_(block.attn.ve_gate.weight)  # gate starts at 1
 
     def forward(self, idx, targets=None, reduction="mean"):
         T = idx.size(1)
@@ -246,7 +265,8 @@ class GPT(nn.Module):
         x = x0 = norm(self.wte(idx))
         for i, block in enumerate(self.blocks):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
-            x = block(x, cos, sin)
+            ve = self.value_embeds[str(i)](idx) if i in self.ve_layers else None
+            x = block(x, cos, sin, ve)
         logits = self.lm_head(norm(x)).float()
         logits = self.softcap * torch.tanh(logits / self.softcap)
         if targets is None:
@@ -425,11 +445,11 @@ def main():
     n_kv_head = n_head // k["KV_HEAD_RATIO"]
     with device:
         model = GPT(vocab_size, T, k["DEPTH"], dim, n_head, n_kv_head, head_dim, k["MLP_RATIO"] * dim,
-                    k["LOGIT_SOFTCAP"], k["ROPE_BASE"])
+                    k["LOGIT_SOFTCAP"], k["ROPE_BASE"], k["VALUE_EMBEDS"])
     model.init_weights()
 
     num_params = sum(p.numel() for p in model.parameters())
-    emb_params = model.wte.weight.numel()
+    emb_params = model.wte.weight.numel() + sum(p.numel() for p in model.value_embeds.parameters())
     # Training FLOPs per token: 6 per non-embedding weight, plus attention (the reference's formula).
     flops_per_token = 6 * (num_params - emb_params) + 12 * k["DEPTH"] * n_head * head_dim * T
     tokens_per_micro = k["DEVICE_BATCH_SIZE"] * T
@@ -448,7 +468,7 @@ def main():
     matrices = [p for b in model.blocks for p in b.parameters()]
     scale = (dim / 768) ** -0.5
     adam_groups = [
-        dict(params=[model.wte.weight], lr=k["EMBEDDING_LR"] * scale),
+        dict(params=[model.wte.weight, *model.value_embeds.parameters()], lr=k["EMBEDDING_LR"] * scale),
         dict(params=[model.lm_head.weight], lr=k["UNEMBEDDING_LR"] * scale),
         dict(params=[model.resid_lambdas, model.x0_lambdas], lr=k["SCALAR_LR"]),
     ]
