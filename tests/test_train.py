@@ -142,3 +142,25 @@ def test_tiny_profile_end_to_end(ar_cache):
     assert result["profile"] == "tiny" and math.isfinite(result["val_bpb"])
     assert result["val_bpb"] < 8.0  # learned something: a uniform guess over 2048 tokens is far worse
     assert wall < 180
+
+
+def test_sigterm_ends_with_a_fail_line_and_result(ar_cache, tmp_path):
+    """A cancelled or preempted job still leaves a FAIL line and a result.json behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import REPO, clean_env
+
+    result_path = tmp_path / "result.json"
+    proc = subprocess.Popen([sys.executable, "trainer/train.py"], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                            env=clean_env(AR_CACHE_DIR=ar_cache, AR_PROFILE="tiny", AR_RESULT_PATH=result_path))
+    for line in proc.stdout:  # wait until training has started
+        if line.startswith("step "):
+            break
+    os.kill(proc.pid, signal.SIGTERM)
+    out = proc.stdout.read()
+    assert proc.wait(timeout=30) == 143
+    assert "FAIL: terminated (SIGTERM)" in out
+    assert json.loads(result_path.read_text())["status"] == "fail"

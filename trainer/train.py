@@ -36,6 +36,7 @@ import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import queue  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 import traceback  # noqa: E402
@@ -406,6 +407,14 @@ class TrainingFailed(Exception):
     pass
 
 
+class Terminated(BaseException):
+    """SIGTERM (a cancelled or preempted job): reported like a crash, exit 143."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 RUN = {}  # what is known about this run so far; a failure result reports it
 
 
@@ -573,20 +582,21 @@ def train_py_sha256():
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         main()
     except (ConfigError, P.PrepareError) as e:
         print(f"train: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
-    except (Exception, KeyboardInterrupt) as e:  # every crash ends with a FAIL line and a JSON result
+    except (Exception, KeyboardInterrupt, Terminated) as e:  # every crash ends with a FAIL line and a JSON result
         if isinstance(e, TrainingFailed):
             reason = str(e)
-        elif isinstance(e, KeyboardInterrupt):
-            reason = "interrupted"
+        elif isinstance(e, (KeyboardInterrupt, Terminated)):
+            reason = "interrupted (SIGINT)" if isinstance(e, KeyboardInterrupt) else "terminated (SIGTERM)"
         else:
             traceback.print_exc()
             reason = f"{type(e).__name__}: {e}".splitlines()[0]
         print(f"\nFAIL: {reason}", flush=True)
         emit_result(dict(RUN, status="fail", error=reason, total_seconds=round(time.time() - T_PROCESS_START, 1),
                          train_py_sha256=train_py_sha256()))
-        sys.exit(130 if isinstance(e, KeyboardInterrupt) else 1)
+        sys.exit(130 if isinstance(e, KeyboardInterrupt) else 143 if isinstance(e, Terminated) else 1)
