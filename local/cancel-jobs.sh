@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# cancel-jobs.sh -- cancel local jobs (idempotent).
+#
+# Usage: local/cancel-jobs.sh ID...
+#
+# A queued or running job becomes cancelled and its process group (supervisor + trainer) gets
+# SIGTERM, then SIGKILL after a grace period; the script returns once no process of it is left.
+# A job that already ended stays as it is. stdout: nothing. stderr: what changed.
+# Exit: 0 done, 1 a job's processes would not die, 2 usage error or unknown id (checked before
+#       anything is cancelled), 3 jq/flock missing.
+#
+# Env: AR_STATE_DIR, AR_LOCAL_KILL_GRACE_S (seconds between SIGTERM and SIGKILL, default 5).
+# Contract: docs/contract.md
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(dirname "$here")
+# shellcheck source=local/_lib.sh
+source "$here/_lib.sh"
+# shellcheck source=local/_local.sh
+source "$here/_local.sh"
+AR_PROG=cancel-jobs.sh
+
+case ${1:-} in
+    -h | --help) ar_usage "$0"; exit 0 ;;
+    "") ar_die 2 "no job id given (see --help)" ;;
+    -*) ar_die 2 "unknown option '$1' (see --help)" ;;
+esac
+ar_need jq flock
+root=$(al_root "$repo")
+dirs=()
+for id in "$@"; do dirs+=("$(al_job_dir "$root" "$id")"); done
+
+for dir in "${dirs[@]}"; do
+    al_reap "$dir"
+    before=$(al_state "$dir")
+    if al_cancel "$dir" cancelled "cancel-jobs.sh"; then
+        ar_log "$(basename "$dir"): $before -> cancelled"
+    else
+        ar_warn "$(basename "$dir"): already $(al_state "$dir")"
+    fi
+done
+rc=0
+for dir in "${dirs[@]}"; do al_wait_gone "$dir" || rc=1; done
+exit "$rc"

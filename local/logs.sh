@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# logs.sh -- print a local job's full log (trainer stdout + stderr and [ar-local] notes).
+#
+# Usage: local/logs.sh ID
+#
+# stdout: the log as it is now (empty while the job is queued).
+# Exit: 0, 2 usage error or unknown id.
+#
+# Env: AR_STATE_DIR.
+# Contract: docs/contract.md
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(dirname "$here")
+# shellcheck source=local/_lib.sh
+source "$here/_lib.sh"
+# shellcheck source=local/_local.sh
+source "$here/_local.sh"
+AR_PROG=logs.sh
+
+case ${1:-} in
+    -h | --help) ar_usage "$0"; exit 0 ;;
+    "") ar_die 2 "no job id given (see --help)" ;;
+    -*) ar_die 2 "unknown option '$1' (see --help)" ;;
+esac
+(($# == 1)) || ar_die 2 "one job id at a time (see --help)"
+dir=$(al_job_dir "$(al_root "$repo")" "$1")
+cat "$dir/log" 2>/dev/null || true
