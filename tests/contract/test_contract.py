@@ -1,22 +1,23 @@
 """The fan-out contract (docs/contract.md), run against every backend's real scripts.
 
 Each backend runs in a throwaway git repo (trainer/, prepare/ and the backend folder copied and
-committed) with the smoke profile and the session's prepared cache. Adding a backend is one entry in
-BACKENDS plus a setup function that returns its environment (a test double of its CLI on PATH) and a
-way to list the processes / remote jobs it left running.
+committed) with the smoke profile and the session's prepared cache. Adding a backend is one file,
+tests/contract/backend_<name>.py (see below): its folder, and a setup function that returns its
+environment (a test double of its CLI on PATH) and a way to list the processes / remote jobs it left
+running.
 
     .venv/bin/python -m pytest -q tests/contract             # every backend
     .venv/bin/python -m pytest -q tests/contract -k local    # one backend
 """
 
 import hashlib
+import importlib.util
 import json
 import os
 import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,32 +38,24 @@ def clean_env(**extra):
     return env
 
 
-def processes_under(path):
-    """Live processes whose command line or working directory mentions `path`."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            cwd = os.readlink(proc / "cwd")
-        except OSError:
-            continue
-        if str(path) in cmd or cwd.startswith(str(path)):
-            found.append(f"{proc.name}: {cmd.strip()}")
+# ---------------------------------------------------------------------------------------------
+# Backends: one module per backend, tests/contract/backend_<name>.py, defining
+#   FOLDER = "<backend folder>"            (local, batch-job, sky, modal)
+#   def setup(tmp) -> (extra env, leftovers)   env puts its CLI test double on PATH; leftovers()
+#                                              lists processes / remote jobs still running
+# Adding a backend = adding such a file; nothing here changes.
+# ---------------------------------------------------------------------------------------------
+def _load_backends():
+    found = {}
+    for path in sorted(Path(__file__).parent.glob("backend_*.py")):
+        spec = importlib.util.spec_from_file_location(f"contract_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        found[path.stem.removeprefix("backend_")] = (module.FOLDER, module.setup)
     return found
 
 
-# ---------------------------------------------------------------------------------------------
-# Backends: name -> setup(tmp_path) returning (extra env, leftovers()).
-# ---------------------------------------------------------------------------------------------
-def setup_local(tmp):
-    state = tmp / "state"
-    env = dict(AR_STATE_DIR=state, AR_LOCAL_PYTHON=sys.executable, AR_LOCAL_POLL_S="0.3")
-    return env, lambda: processes_under(state)
-
-
-BACKENDS = {"local": ("local", setup_local)}  # name -> (folder, setup)
+BACKENDS = _load_backends()  # name -> (folder, setup)
 
 
 @dataclass
