@@ -13,8 +13,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
 # User-supplied values reach recipes only as environment variables, expanded by the shell inside
-# double quotes, so a value with quotes, `;` or `$(...)` is data, never a command.
-export DATA
+# double quotes, so a value with quotes, `;` or `$(...)` is data, never a command. $(value ...) keeps
+# make itself from expanding a `$(...)` inside the value.
+override PREPARE_DATA := $(value DATA)
+export PREPARE_DATA
 
 # Reproduce the pinned install whenever pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -38,7 +40,7 @@ setup: $(STAMP) ## create .venv with the pinned dependencies (idempotent)
 
 .PHONY: prepare
 prepare: $(STAMP) ## download/build data and train the tokenizer (idempotent; DATA=offline|climbmix)
-	$(PY) prepare/prepare.py $${DATA:+--data "$$DATA"}
+	$(PY) prepare/prepare.py $${PREPARE_DATA:+--data "$$PREPARE_DATA"}
 
 .PHONY: train
 train: prepare ## run one experiment locally; output to stdout and run.log
@@ -52,6 +54,36 @@ test: $(STAMP) ## run the test suite (CPU only, offline)
 lint: $(STAMP) ## shellcheck every shell script and ruff the Python
 	$(VENV)/bin/ruff check .
 	@files=$$(git ls-files '*.sh' .ci/run); if [ -n "$$files" ]; then echo "shellcheck $$files"; $(VENV)/bin/shellcheck $$files; fi
+
+# Round driver inputs: K, BACKEND, TAG, SWEEP, REPEATS. Taken with $(value ...) so that even a value
+# containing `$(...)` stays literal data, and handed to the recipes only as exported environment
+# variables (AR_ROUND_*) that the shell expands inside double quotes; tools/round.py validates them.
+override AR_ROUND_K := $(value K)
+override AR_ROUND_BACKEND := $(value BACKEND)
+override AR_ROUND_TAG := $(value TAG)
+override AR_ROUND_SWEEP := $(value SWEEP)
+override AR_ROUND_REPEATS := $(value REPEATS)
+export AR_ROUND_K AR_ROUND_BACKEND AR_ROUND_TAG AR_ROUND_SWEEP AR_ROUND_REPEATS
+
+.PHONY: round
+round: $(STAMP) ## one round: K=4 experiments in parallel [BACKEND=local|vessl|sky|modal TAG=.. SWEEP="KNOB=v1,v2"]
+	@$(PY) tools/round.py round --k="$$AR_ROUND_K" --backend="$$AR_ROUND_BACKEND" --tag="$$AR_ROUND_TAG" --sweep="$$AR_ROUND_SWEEP"
+
+.PHONY: baseline
+baseline: $(STAMP) ## run the current best REPEATS=2 times; stores the noise sigma [BACKEND=.. TAG=..]
+	@$(PY) tools/round.py baseline --repeats="$$AR_ROUND_REPEATS" --backend="$$AR_ROUND_BACKEND" --tag="$$AR_ROUND_TAG"
+
+.PHONY: status
+status: $(STAMP) ## jobs of unfinished rounds (state, elapsed, remaining) and the spend so far [TAG=..]
+	@$(PY) tools/round.py status --tag="$$AR_ROUND_TAG"
+
+.PHONY: results
+results: $(STAMP) ## the last rounds of results.tsv as a table [TAG=..]
+	@$(PY) tools/results.py show --tag="$$AR_ROUND_TAG"
+
+.PHONY: plot
+plot: $(STAMP) ## progress.png: every experiment a point, kept ones highlighted, running best as a line
+	@$(PY) tools/plot.py --tag="$$AR_ROUND_TAG"
 
 .PHONY: clean
 clean: ## remove caches and run outputs (keeps .venv, data cache and results.tsv)
