@@ -24,7 +24,8 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "setup: error: Python >= 3.11 required ($(PYTHON) is older)" >&2; exit 2; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"] + p["optional-dependencies"]["dev"]))' > $(VENV)/requirements.txt
-	$(PY) -m pip install --quiet --disable-pip-version-check -r $(VENV)/requirements.txt
+	@echo "setup: installing the pinned dependencies into $(VENV) (about a minute the first time)" >&2
+	@$(PY) -m pip install --quiet --disable-pip-version-check -r $(VENV)/requirements.txt >&2
 	@touch $@
 
 .PHONY: help
@@ -40,7 +41,7 @@ setup: $(STAMP) ## create .venv with the pinned dependencies (idempotent)
 
 .PHONY: prepare
 prepare: $(STAMP) ## download/build data and train the tokenizer (idempotent; DATA=offline|climbmix)
-	$(PY) prepare/prepare.py $${PREPARE_DATA:+--data "$$PREPARE_DATA"}
+	@$(PY) prepare/prepare.py $${PREPARE_DATA:+--data "$$PREPARE_DATA"}
 
 .PHONY: train
 train: prepare ## run one experiment locally; output to stdout and run.log
