@@ -3,7 +3,7 @@
 #
 # Usage: scripts/bench-round.sh [OUT_DIR]
 #   1. clones HEAD into a temp dir (your working tree and .ar/ are never touched),
-#   2. runs `make baseline REPEATS=1` there (untimed: so the round has no extra baseline job),
+#   2. runs `make baseline REPEATS=2` there (untimed: so the round has no extra baseline job),
 #   3. times `tools/round.py round --k=K --sweep=SWEEP` (the parallel round),
 #   4. runs the same K candidates sequentially (submit + wait, one at a time, fresh state dir),
 #   and prints one tab-separated table: round wall, slowest job, orchestration overhead
@@ -35,7 +35,7 @@ cd "$work/repo"
 "$py" prepare/prepare.py --profile "$AR_PROFILE" >&2
 
 echo "bench-round: baseline (untimed)" >&2
-"$py" tools/round.py baseline --repeats=1 --backend=local --tag=bench >"$out/baseline.txt"
+"$py" tools/round.py baseline --repeats=2 --backend=local --tag=bench >"$out/baseline.txt"
 
 echo "bench-round: parallel round of $k ($sweep)" >&2
 t0=$(date +%s.%N)

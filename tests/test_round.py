@@ -5,7 +5,7 @@ backend folder (AR_TEST_BACKEND_DIR) that implements docs/contract.md with tiny 
 background processes that sleep briefly and print a trainer-like summary whose val_bpb is computed
 from the commit's train.py (`# FAKE_VAL=...`, ADOPTED) and the overrides:
     val_bpb = FAKE_VAL (default 1.0) + (MATRIX_LR - 0.04) + 0.01 * (SEED - 42);  DEPTH=0 crashes.
-The last test runs a real round on the local backend with the real trainer (smoke profile).
+The last test runs a real round on the local backend with the real trainer (tiny profile, as CI promises).
 """
 
 import ast
@@ -330,8 +330,8 @@ def test_budget_refusal_submits_nothing(world):
     p = world.run("round", "--k=2", "--sweep=MATRIX_LR=0.02,0.03", "--backend=vessl", AR_BUDGET_USD="0.5",
                   AR_VESSL_GPU="H100")
     assert p.returncode == 1, p.stderr
-    # 3 jobs (2 candidates + baseline) x (5 s smoke + 300 s overhead)/3600 x $3.50
-    assert "budget refused" in p.stderr and "3 jobs x $0.30" in p.stderr and "AR_BUDGET_USD $0.50" in p.stderr
+    # 3 jobs (2 candidates + baseline) x (5 s smoke + 300 s overhead)/3600 x $2.39
+    assert "budget refused" in p.stderr and "3 jobs x $0.20" in p.stderr and "AR_BUDGET_USD $0.50" in p.stderr
     assert world.lines("calls.log") == [] and not (world.repo / "results.tsv").exists()
     assert world.ledger("default", 1) is None
 
@@ -341,7 +341,7 @@ def test_budget_counts_recorded_spend_and_fails_closed_without_price(world):
                   AR_TEST_FAKE_GPU="NVIDIA H100 80GB HBM3")
     assert p.returncode == 0, p.stderr
     costs = [float(r["cost_usd"]) for r in world.rows()]
-    assert len(costs) == 3 and all(0 < c < 0.35 for c in costs)  # wall_s x $3.50/h
+    assert len(costs) == 3 and all(0 < c < 0.35 for c in costs)  # wall_s x $2.39/h
     assert {r["backend"] for r in world.rows()} == {"vessl"} and {r["gpu"] for r in world.rows()} == {"H100"}
     p = world.run("round", "--k=2", "--sweep=MATRIX_LR=0.01,0.005", "--backend=vessl",
                   AR_BUDGET_USD=f"{sum(costs) + 0.4}")
@@ -590,7 +590,7 @@ def test_results_status_plot_targets(world):
 
 
 # ---------------------------------------------------------------------------------------------
-# end to end: the real local backend and the real trainer (smoke profile)
+# end to end: the real local backend and the real trainer (tiny profile: the CPU/CI profile)
 # ---------------------------------------------------------------------------------------------
 LOCAL_FILES = ("local/submit-async.sh", "local/wait-jobs.sh", "local/cancel-jobs.sh")
 
@@ -604,7 +604,7 @@ def test_end_to_end_local_backend(tmp_path, ar_cache):
     for rel in ("Makefile", "pyproject.toml", ".gitignore"):
         shutil.copy2(REPO / rel, repo / rel)
     os.symlink(REPO / ".venv", repo / ".venv")
-    env = clean_env(AR_CACHE_DIR=ar_cache, AR_PROFILE="smoke", AR_LOCAL_SLOTS="2", AR_LOCAL_THREADS="1",
+    env = clean_env(AR_CACHE_DIR=ar_cache, AR_PROFILE="tiny", AR_LOCAL_SLOTS="2", AR_LOCAL_THREADS="1",
                     GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.invalid", GIT_COMMITTER_NAME="t",
                     GIT_COMMITTER_EMAIL="t@example.invalid")
     for cmd in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
@@ -631,7 +631,7 @@ def test_end_to_end_local_backend(tmp_path, ar_cache):
     assert sorted(r["candidate"] for r in rows) == ["c0", "c1", "c2", "c3", "c4"]
     assert sorted(r["job_id"] for r in rows) == jobs
     assert all(r["status"] in ("keep", "discard") for r in rows), rows
-    assert all(0 < float(r["val_bpb"]) < 20 and r["profile"] == "smoke" and r["gpu"] == "cpu" for r in rows)
+    assert all(0 < float(r["val_bpb"]) < 20 and r["profile"] == "tiny" and r["gpu"] == "cpu" for r in rows)
     assert all(r["backend"] == "local" and r["job_id"].startswith("ar-e2e-") for r in rows)
     assert p.stdout.startswith("round 1 of tag e2e") and "delta_vs_best" in p.stdout and "next round: 2" in p.stdout
     assert sum(r["status"] == "keep" for r in rows) in (1, 2)
