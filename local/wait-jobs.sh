@@ -26,6 +26,10 @@ source "$here/_lib.sh"
 # shellcheck source=local/_local.sh
 source "$here/_local.sh"
 AR_PROG=wait-jobs.sh
+# Traps first: bash drops a SIGINT that arrives while it waits on a child before any trap is set.
+signal=""
+trap 'signal=INT' INT
+trap 'signal=TERM' TERM
 
 case ${1:-} in
     -h | --help) ar_usage "$0"; exit 0 ;;
@@ -57,9 +61,6 @@ waves=$(( open > 0 ? (open + ${slots:-1} - 1) / ${slots:-1} : 1 ))
 timeout=$(ar_timeout_s $(( (3 * budget + 600) * waves )))
 ar_log "waiting for ${#ids[@]} job(s), up to ${timeout}s"
 
-signal=""
-trap 'signal=INT' INT
-trap 'signal=TERM' TERM
 deadline=$((SECONDS + timeout))
 declare -A seen=()
 pending=("${!ids[@]}")

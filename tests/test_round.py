@@ -640,3 +640,29 @@ def test_end_to_end_local_backend(tmp_path, ar_cache):
     winner = [r for r in rows if r["status"] == "keep" and r["candidate"] != "c0"]
     adopted = ast.literal_eval(re.search(r"^ADOPTED = (\{.*\})", best, re.M).group(1))
     assert adopted == (json.loads(winner[0]["overrides"]) if winner else {})  # the winner's overrides, adopted
+
+
+def test_gpu_spellings_of_the_backends_are_keyed_and_priced():
+    """AR_MODAL_GPU=H100! / H100:8 / fallback lists and AR_SKY_GPU=H100:8 resolve to a key and a price."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("round_tool", REPO / "tools" / "round.py")
+    rt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rt)
+    prices, _ = rt.load_prices()
+    cases = {"H100!": ("H100", 1), "H100": ("H100", 1), "H100:8": ("H100x8", 8), "H100!,A100-80GB": ("H100", 1),
+             "A100-80GB": ("A100-80GB", 1)}
+    for raw, (key, count) in cases.items():
+        os.environ["AR_MODAL_GPU"] = raw
+        try:
+            gpu = rt.resolve_gpu("modal", prices)
+        finally:
+            del os.environ["AR_MODAL_GPU"]
+        assert gpu == key, raw
+        assert rt.price_of(prices, "modal", gpu) == pytest.approx(prices["modal"][key.split("x")[0]] * count)
+    os.environ["AR_MODAL_GPU"] = "H100; rm -rf /"
+    try:
+        with pytest.raises(rt.UsageError):
+            rt.resolve_gpu("modal", prices)
+    finally:
+        del os.environ["AR_MODAL_GPU"]

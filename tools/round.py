@@ -363,11 +363,19 @@ def local_gpu_name():
 
 
 def resolve_gpu(backend, prices):
-    configured = os.environ.get(f"AR_{backend.upper()}_GPU", "").strip()
+    """The GPU results are keyed and priced by. AR_<BACKEND>_GPU may use the backends' own spellings:
+    'H100!' (Modal: pinned type), 'H100:8' (8 GPUs -> key 'H100x8', priced 8x), 'H100!,A100-80GB' (a fallback
+    list: the first choice is what the round is keyed by)."""
+    var = f"AR_{backend.upper()}_GPU"
+    configured = os.environ.get(var, "").strip()
     if configured:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,40}", configured):
-            raise UsageError(f"AR_{backend.upper()}_GPU={configured!r} is not a GPU type like H100")
-        return gpu_key(configured.split(":")[0], prices)
+        first = configured.split(",")[0].strip()
+        m = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9_.-]{0,40})!?(?::([1-9][0-9]?))?!?", first)
+        if not m:
+            raise UsageError(f"{var}={configured!r} is not a GPU type like H100, H100!, H100:8 or H100!,A100-80GB")
+        key = gpu_key(m.group(1), prices)
+        count = int(m.group(2) or 1)
+        return f"{key}x{count}" if count > 1 else key
     if backend == "local":
         return gpu_key(local_gpu_name(), prices) or "cpu"
     return "H100"
@@ -384,6 +392,9 @@ def resolve_profile(backend, profiles):
 
 def price_of(prices, backend, gpu):
     table = prices.get(backend) or {}
+    multi = re.fullmatch(r"(.+)x([0-9]+)", gpu or "")
+    if multi and multi.group(1) in table:  # 'H100x8': eight GPUs at the per-GPU price
+        return float(table[multi.group(1)]) * int(multi.group(2))
     if gpu in table:
         return float(table[gpu])
     if "default" in table:
