@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# logs.sh -- print a VESSL job's log (the job's stdout + stderr and [ar-vessl] notes).
+#
+# Usage: batch-job/logs.sh ID
+#
+# stdout: for a job that ended and was collected by wait-jobs.sh / cancel-jobs.sh, its full log as
+# kept in the record (the copy from the volume, not capped); otherwise what
+# `vesslctl job logs --limit 1000 ID` returns now (empty while the job is queued).
+# Exit: 0, 2 usage error or unknown id, 3 vesslctl failed and there is no recorded log.
+#
+# Env: AR_STATE_DIR, VESSLCTL_ORG / VESSLCTL_TEAM (default: those recorded at submit).
+# Contract: docs/contract.md
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(dirname "$here")
+# shellcheck source=batch-job/_lib.sh
+source "$here/_lib.sh"
+# shellcheck source=batch-job/_vessl.sh
+source "$here/_vessl.sh"
+AR_PROG=logs.sh
+
+case ${1:-} in
+    -h | --help) ar_usage "$0"; exit 0 ;;
+    "") ar_die 2 "no job id given (see --help)" ;;
+    -*) ar_die 2 "unknown option '$1' (see --help)" ;;
+esac
+(($# == 1)) || ar_die 2 "one job id at a time (see --help)"
+ar_need jq
+dir=$(vs_job_dir "$(vs_root "$repo")" "$1")
+if ar_is_terminal "$(vs_state "$dir")" && [[ -f $dir/log ]]; then
+    cat "$dir/log"
+    exit 0
+fi
+vs_need_cli
+if vs_call "$dir" job logs --limit 1000 "$1"; then
+    [[ -z $VS_OUT ]] || printf '%s\n' "$VS_OUT"
+elif [[ -f $dir/log ]]; then
+    cat "$dir/log"
+else
+    ar_die 3 "vesslctl job logs $1 failed: $VS_ERR"
+fi
