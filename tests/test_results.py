@@ -115,6 +115,8 @@ def test_ansi_colour_and_sky_prefix():
     assert rec["ok"] and rec["source"] == "json" and rec["val_bpb"] == pytest.approx(2.197529)
     multi = "".join(f"(worker1, rank=1, pid=77, ip=10.0.0.2) {line}\n" for line in (HEAD + SUMMARY).splitlines())
     assert R.parse_log(multi)["val_bpb"] == pytest.approx(2.197529)
+    setup = "".join(f"(setup pid=12) {line}\n" for line in (HEAD + SUMMARY).splitlines())
+    assert R.parse_log(setup)["val_bpb"] == pytest.approx(2.197529)
 
 
 def test_wait_jobs_blocks():

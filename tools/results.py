@@ -46,7 +46,7 @@ RESULT_PREFIX = "AR_RESULT_JSON:"
 
 _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
 # SkyPilot prefixes every line of a task's output: `(task, pid=1234) `, `(worker1, rank=1, pid=99, ip=...) `
-_SKY_PREFIX = re.compile(r"^\((?:[^()]*,\s*)?pid=\d+[^()]*\)\s?")
+_SKY_PREFIX = re.compile(r"^\((?:[^()]*?[,\s]\s*)?pid=\d+[^()]*\)\s?")  # "(task, pid=N) ", "(setup pid=N) "
 _HEADER = re.compile(r"^=== (\S+) \(([a-z]+)\) ===\s*$")
 _SUMMARY_LINE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*):\s+(\S.*?)\s*$")
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit)(?::\s*(.*))?$")
