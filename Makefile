@@ -86,6 +86,27 @@ results: $(STAMP) ## the last rounds of results.tsv as a table [TAG=..]
 plot: $(STAMP) ## progress.png: every experiment a point, kept ones highlighted, running best as a line
 	@$(PY) tools/plot.py --tag="$$AR_ROUND_TAG"
 
+# Promote (sky/promote.py, sky/README.md): TOP and GPU kept literal with $(value ...) and handed over
+# as AR_SKY_PROMOTE_* (a reserved prefix the trainer accepts), expanded by the shell in double quotes.
+promote: override export AR_SKY_PROMOTE_TOP := $(value TOP)
+promote: override export AR_SKY_PROMOTE_GPU := $(value GPU)
+
+.PHONY: promote
+promote: $(STAMP) ## re-run the TOP=2 best rows of a tag on GPU=H200 with SkyPilot, logged as own rows [TAG=..]
+	@$(PY) sky/promote.py --top="$$AR_SKY_PROMOTE_TOP" --gpu="$$AR_SKY_PROMOTE_GPU" --tag="$$AR_ROUND_TAG"
+
+# Modal backend (modal/README.md): deploys the app that modal/submit-async.sh spawns experiments on.
+# Its settings are read by modal/app.py from AR_MODAL_GPU (default H100!; H100:8, or a fallback list
+# H100!,A100-80GB), AR_MODAL_APP, AR_MODAL_VOLUME, AR_MODAL_TIMEOUT_S; kept literal, as above.
+modal-deploy: override export AR_MODAL_GPU := $(value AR_MODAL_GPU)
+modal-deploy: override export AR_MODAL_APP := $(value AR_MODAL_APP)
+modal-deploy: override export AR_MODAL_VOLUME := $(value AR_MODAL_VOLUME)
+modal-deploy: override export AR_MODAL_TIMEOUT_S := $(value AR_MODAL_TIMEOUT_S)
+
+.PHONY: modal-deploy
+modal-deploy: $(STAMP) ## deploy modal/app.py to Modal (after `modal setup`) [AR_MODAL_GPU=H100!|H100:8|..]
+	$(VENV)/bin/modal deploy modal/app.py
+
 .PHONY: clean
 clean: ## remove caches and run outputs (keeps .venv, data cache and results.tsv)
 	rm -rf .pytest_cache .ruff_cache run.log

@@ -1,0 +1,212 @@
+# shellcheck shell=bash
+# _lib.sh -- helpers shared by the fan-out scripts of a backend (sourced, never run).
+#
+# Backend-neutral: argument checks, job names, the summary block of wait-jobs.sh, messages. Every
+# backend folder carries a verbatim copy, so a folder can be copied and read on its own.
+# The calling script sets AR_PROG (its name, for messages) before using these.
+# The contract these implement: docs/contract.md.
+
+AR_PROG=${AR_PROG:-ar}
+AR_TAG_RE='^[a-z0-9][a-z0-9-]{0,19}$'
+AR_NAME_RE='^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$'
+AR_KEY_RE='^[A-Z][A-Z0-9_]*$'
+AR_ID_RE='^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$'
+AR_TERMINAL_STATES=" succeeded failed timeout cancelled "
+# Summary keys in the trainer's order (see trainer/train.py), for rebuilding a summary from result.json.
+AR_SUMMARY_KEYS='["val_bpb","training_seconds","total_seconds","peak_vram_mb","mfu_percent","total_tokens_M",
+"num_steps","num_params_M","depth","profile","data","device","startup_seconds","tokens_per_sec"]'
+
+# ---- messages ------------------------------------------------------------------------------------
+ar_now() { date -u +%Y-%m-%dT%H:%M:%SZ; }
+ar_log() { printf '%s %s: %s\n' "$(ar_now)" "$AR_PROG" "$*" >&2; }
+ar_warn() { printf '%s: %s\n' "$AR_PROG" "$*" >&2; }
+ar_die() {  # ar_die CODE MESSAGE -- one line on stderr, then exit CODE
+    local code=$1
+    shift
+    printf '%s: error: %s\n' "$AR_PROG" "$*" >&2
+    exit "$code"
+}
+ar_usage() {  # print the header comment of script $1 (line 2 up to the first non-comment line)
+    awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$1"
+}
+ar_need() {  # ar_need CMD... -- exit 3 naming what to install
+    local cmd
+    for cmd in "$@"; do
+        command -v "$cmd" >/dev/null 2>&1 || ar_die 3 "'$cmd' not found; install it (e.g. apt-get install $cmd)"
+    done
+}
+ar_is_terminal() { [[ $AR_TERMINAL_STATES == *" $1 "* ]]; }
+
+# ---- arguments -----------------------------------------------------------------------------------
+ar_check_ids() {  # ar_check_ids ID... -- exit 2 on a malformed id (existence is the backend's check)
+    local id
+    for id in "$@"; do
+        [[ $id =~ $AR_ID_RE ]] || ar_die 2 "unknown job id '$id'"
+    done
+}
+
+# ar_parse_submit_args "$@" -- sets AR_ARG_COMMIT, AR_ARG_NAME and AR_ARG_ENV (array of KEY=VALUE);
+# exits 0 on --help (usage of $0), 2 on anything malformed.
+ar_parse_submit_args() {
+    AR_ARG_COMMIT="" AR_ARG_NAME="" AR_ARG_ENV=()
+    local pair key seen=" "
+    while (($#)); do
+        case $1 in
+            -h | --help) ar_usage "$0"; exit 0 ;;
+            --commit | --env | --name)
+                (($# >= 2)) || ar_die 2 "$1 needs a value (see --help)"
+                case $1 in
+                    --commit) AR_ARG_COMMIT=$2 ;;
+                    --name) AR_ARG_NAME=$2 ;;
+                    --env) AR_ARG_ENV+=("$2") ;;
+                esac
+                shift 2 ;;
+            --commit=* | --env=* | --name=*) set -- "${1%%=*}" "${1#*=}" "${@:2}" ;;
+            *) ar_die 2 "unknown argument '$1' (see --help)" ;;
+        esac
+    done
+    [[ -z $AR_ARG_COMMIT || $AR_ARG_COMMIT != -* ]] || ar_die 2 "bad --commit '$AR_ARG_COMMIT'"
+    [[ -z $AR_ARG_NAME || $AR_ARG_NAME =~ $AR_NAME_RE ]] \
+        || ar_die 2 "bad --name '$AR_ARG_NAME': use lowercase [a-z0-9-], at most 63 characters"
+    for pair in "${AR_ARG_ENV[@]}"; do
+        [[ $pair == *=* ]] || ar_die 2 "bad --env '$pair': expected KEY=VALUE"
+        key=${pair%%=*}
+        [[ $key =~ $AR_KEY_RE ]] || ar_die 2 "bad --env key '$key': must match [A-Z][A-Z0-9_]*"
+        [[ $key == AR_* ]] || ar_die 2 "bad --env key '$key': only AR_<KNOB> and harness AR_ names may be passed"
+        [[ $key != AR_RESULT_PATH ]] || ar_die 2 "--env AR_RESULT_PATH: set by the backend, not by you"
+        [[ $pair != *$'\n'* ]] || ar_die 2 "bad --env $key: the value contains a newline"
+        [[ $seen != *" $key "* ]] || ar_die 2 "--env $key given twice"
+        seen+="$key "
+    done
+}
+
+# ar_resolve_submit REPO -- after ar_parse_submit_args: resolves the tag, the commit (refusing a
+# dirty tree without --commit), the effective overrides and the job name. Sets AR_RES_TAG,
+# AR_RES_SHA, AR_RES_PAIRS (sorted KEY=VALUE array) and AR_RES_NAME.
+ar_resolve_submit() {
+    local repo=$1 rev pair key keys=() extra
+    AR_RES_TAG=${AR_TAG:-default}
+    [[ $AR_RES_TAG =~ $AR_TAG_RE ]] || ar_die 2 "bad AR_TAG '$AR_RES_TAG': must match $AR_TAG_RE"
+    git -C "$repo" rev-parse --git-dir >/dev/null 2>&1 || ar_die 2 "$repo is not a git repository"
+    rev=${AR_ARG_COMMIT:-HEAD}
+    if [[ -z $AR_ARG_COMMIT && -n $(git -C "$repo" status --porcelain --untracked-files=no) ]]; then
+        ar_die 2 "the working tree has uncommitted changes; commit them, or pass --commit REV to run a commit as it is"
+    fi
+    AR_RES_SHA=$(git -C "$repo" rev-parse --verify --quiet "$rev^{commit}") \
+        || ar_die 2 "unknown commit '$rev'"
+    # Effective overrides: --env, plus AR_PROFILE / AR_DATA from the environment when set there.
+    AR_RES_PAIRS=("${AR_ARG_ENV[@]}")
+    for extra in AR_PROFILE AR_DATA; do
+        [[ -n ${!extra:-} ]] || continue
+        [[ " ${AR_RES_PAIRS[*]%%=*} " == *" $extra "* ]] || AR_RES_PAIRS+=("$extra=${!extra}")
+    done
+    if ((${#AR_RES_PAIRS[@]})); then
+        mapfile -t AR_RES_PAIRS < <(printf '%s\n' "${AR_RES_PAIRS[@]}" | LC_ALL=C sort)
+        for pair in "${AR_RES_PAIRS[@]}"; do keys+=("${pair%%=*}"); done
+        ar_check_env_keys "$repo" "$AR_RES_SHA" "${keys[@]}"
+    fi
+    if [[ -n $AR_ARG_NAME ]]; then
+        AR_RES_NAME=$AR_ARG_NAME
+    else
+        AR_RES_NAME="ar-$AR_RES_TAG-${AR_RES_SHA:0:7}"
+        if ((${#AR_RES_PAIRS[@]})); then
+            AR_RES_NAME+="-$(printf '%s\n' "${AR_RES_PAIRS[@]}" | sha256sum | cut -c1-8)"
+        fi
+    fi
+}
+
+# ar_check_env_keys REPO SHA KEY... -- exit 2 unless every KEY is AR_<knob of that commit's
+# trainer/train.py> or a reserved harness name of its prepare/prepare.py. Skipped (with a note)
+# when python3 is missing or the files cannot be read: the trainer rejects unknown names anyway.
+ar_check_env_keys() {
+    local repo=$1 sha=$2 bad
+    shift 2
+    if ! command -v python3 >/dev/null 2>&1 \
+        || ! git -C "$repo" cat-file -e "$sha:trainer/train.py" 2>/dev/null; then
+        ar_warn "note: cannot check --env names against the trainer's knobs (no python3 or trainer/train.py)"
+        return 0
+    fi
+    bad=$(python3 - "$@" 3< <(git -C "$repo" show "$sha:trainer/train.py") \
+        4< <(git -C "$repo" show "$sha:prepare/prepare.py" 2>/dev/null || true) <<'PY'
+import ast, os, sys
+def top_names(tree):
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        yield node, [t.id for t in targets if isinstance(t, ast.Name)]
+try:
+    train = ast.parse(os.fdopen(3).read())
+except SyntaxError:
+    sys.exit(0)  # a broken trainer fails as a job; nothing to check against here
+names = [(n, ids) for n, ids in top_names(train)]
+all_ids = [i for _, ids in names for i in ids]
+knobs, on = [], "_NOT_KNOBS" not in all_ids
+for _, ids in names:
+    if "_NOT_KNOBS" in ids: on = True; continue
+    if "KNOBS" in ids and on and "_NOT_KNOBS" in all_ids: break
+    if on: knobs += [i for i in ids if i.isupper() and not i.startswith("_")]
+harness, prefixes = set(), ()
+try:
+    for node, ids in top_names(ast.parse(os.fdopen(4).read())):
+        consts = [c.value for c in ast.walk(node) if isinstance(c, ast.Constant) and isinstance(c.value, str)]
+        if "HARNESS_ENV_VARS" in ids: harness = set(consts)
+        if "HARNESS_ENV_PREFIXES" in ids: prefixes = tuple(consts)
+except SyntaxError:
+    pass
+bad = [k for k in sys.argv[1:] if k[3:] not in knobs and k not in harness and not k.startswith(prefixes)]
+if bad:
+    print(f"unknown name {' '.join(bad)} for this commit; valid knobs: {' '.join('AR_' + k for k in sorted(set(knobs)))}")
+PY
+    ) || true
+    [[ -z $bad ]] || ar_die 2 "bad --env: $bad"
+}
+
+# ---- timeouts ------------------------------------------------------------------------------------
+ar_profile_budget() {  # seconds of training of profile $1 (unknown or empty: full)
+    case ${1:-} in
+        smoke) echo 5 ;;
+        tiny) echo 20 ;;
+        *) echo 300 ;;
+    esac
+}
+ar_timeout_s() {  # ar_timeout_s DEFAULT -- $AR_TIMEOUT_S validated, else DEFAULT
+    local t=${AR_TIMEOUT_S:-$1}
+    [[ $t =~ ^[0-9]+$ && $t -gt 0 ]] || ar_die 2 "bad AR_TIMEOUT_S '$t': a positive number of seconds"
+    echo "$t"
+}
+
+# ---- output --------------------------------------------------------------------------------------
+# ar_print_block ID STATE LOG RESULT_JSON -- one wait-jobs.sh block. A succeeded job prints the
+# trainer's summary verbatim from LOG (`---` through `AR_RESULT_JSON:`), else rebuilt from
+# RESULT_JSON; any other job prints its last 25 log lines (plus the result line when not among them).
+ar_print_block() {
+    local id=$1 state=$2 log=$3 result=$4 block=""
+    printf '=== %s (%s) ===\n' "$id" "$state"
+    if [[ $state == succeeded ]]; then
+        [[ -f $log ]] && block=$(awk '{ l[NR] = $0 } /^---$/ { d = NR } /^AR_RESULT_JSON: / { if (d) { s = d; e = NR } }
+            END { if (e) for (i = s; i <= e; i++) print l[i] }' "$log")
+        if [[ -n $block ]]; then
+            printf '%s\n' "$block"
+        elif [[ -s $result ]]; then
+            jq -r --argjson keys "$AR_SUMMARY_KEYS" '
+                def pad: if length < 18 then . + (" " * (18 - length)) else . end;
+                def f6: tostring as $s | if ($s | test("^-?[0-9]+[.][0-9]+$")) then ($s | split(".")) as $p
+                    | $p[0] + "." + (($p[1] + "000000")[0:6]) elif ($s | test("^-?[0-9]+$")) then $s + ".000000" else $s end;
+                . as $r | "---",
+                ($keys[] | select(. as $k | $r | has($k)) | . as $k
+                    | (($k + ":") | pad) + (if $k == "val_bpb" then ($r[$k] | f6) else ($r[$k] | if type == "string" then . else tojson end) end)),
+                "AR_RESULT_JSON: " + ($r | tojson)' "$result" 2>/dev/null || true
+        fi
+    else
+        [[ -f $log ]] && block=$(tail -n 25 "$log")
+        [[ -z $block ]] || printf '%s\n' "$block"
+        if [[ -s $result && $block != *"AR_RESULT_JSON: "* ]]; then
+            printf 'AR_RESULT_JSON: %s\n' "$(jq -c . "$result" 2>/dev/null || true)"
+        fi
+    fi
+}
+
+# ar_write FILE -- stdin to FILE atomically (temporary file in the same directory, then rename).
+ar_write() {
+    local tmp="$1.tmp.$$.$RANDOM"
+    cat >"$tmp" && mv -f "$tmp" "$1"
+}

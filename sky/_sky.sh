@@ -1,0 +1,249 @@
+# shellcheck shell=bash disable=SC2016  # jq programs are single-quoted on purpose
+# _sky.sh -- the SkyPilot backend's job records and its calls to the `sky` CLI (sourced after
+# _lib.sh, never run).
+#
+# A job is a directory ${AR_STATE_DIR:-<repo>/.ar}/sky/jobs/<id>/ (see sky/README.md). Until its
+# SkyPilot job exists, the job's supervisor (_sky-job.sh, which runs `sky launch` or `sky exec`) holds
+# an flock on alive.lock; afterwards the job lives on its cluster and `sky logs CLUSTER N --status`
+# says how it is doing. State changes happen under an flock on the job's .lock.
+
+sk_root() {  # the sky backend's state dir, for the repo $1
+    local dir=${AR_STATE_DIR:-$1/.ar}
+    [[ $dir == /* ]] || dir=$PWD/$dir
+    printf '%s/sky\n' "$dir"
+}
+sk_state() { cat "$1/state" 2>/dev/null || echo unknown; }
+sk_meta() { jq -r "$2" "$1/meta.json"; }  # sk_meta DIR FILTER
+
+sk_job_dir() {  # sk_job_dir ROOT ID -- the job's directory; exit 2 (one line) for an unknown id
+    [[ $2 =~ $AR_ID_RE && -f $1/jobs/$2/meta.json ]] || ar_die 2 "unknown job id '$2'"
+    printf '%s/jobs/%s\n' "$1" "$2"
+}
+
+sk_alive() { ! flock -n "$1/alive.lock" true 2>/dev/null; }  # true while the supervisor lives
+
+sk_note() { printf '[ar-sky] %s %s\n' "$(ar_now)" "$2" >>"$1/log"; }  # sk_note DIR MESSAGE
+
+sk_meta_set() {  # sk_meta_set DIR JQ_FILTER [jq args...] -- update meta.json atomically
+    local dir=$1 filter=$2 out
+    shift 2
+    out=$(jq "$@" "$filter" "$dir/meta.json") && printf '%s\n' "$out" | ar_write "$dir/meta.json"
+}
+
+# sk_transition DIR NEW FROM... -- NEW if the current state is one of FROM (atomic, under the job's
+# lock; records the time); returns 1 and changes nothing otherwise.
+sk_transition() {
+    local dir=$1 new=$2 cur fd rc=1 field
+    shift 2
+    exec {fd}>>"$dir/.lock"
+    flock "$fd"
+    cur=$(sk_state "$dir")
+    if [[ " $* " == *" $cur "* ]]; then
+        echo "$new" | ar_write "$dir/state"
+        field=finished_at
+        [[ $new != running ]] || field=started_at
+        sk_meta_set "$dir" '.[$f] = (.[$f] // $t) | .state = $s' --arg f "$field" --arg t "$(ar_now)" --arg s "$new"
+        rc=0
+    fi
+    exec {fd}>&-
+    return "$rc"
+}
+
+# ---- the sky CLI ---------------------------------------------------------------------------------
+# Every call runs from one stable directory: SkyPilot's local API server remembers the directory it
+# was started from, so starting it from a temporary checkout that later disappears breaks it.
+# fds 7-9 (our locks) are closed for it: a daemon it starts (its API server) must not hold them.
+# Calls other than launch/exec (which provision, and run in a killable supervisor) get a time limit,
+# so a hung API server cannot stall a wait past its deadline.
+sk_sky() {
+    local limit=()
+    case $1 in launch | exec) ;; *) limit=(timeout --foreground -k 10 "${AR_SKY_CALL_TIMEOUT_S:-180}") ;; esac
+    (cd "${AR_SKY_CWD:-${HOME:-/}}" && exec "${limit[@]}" sky "$@") </dev/null 7>&- 8>&- 9>&-
+}
+
+# sk_strip -- stdin to stdout without ANSI colour codes, carriage returns and SkyPilot's line
+# prefixes: `(task, pid=1234) `, `(setup pid=1234) `, `(worker1, rank=1, pid=99, ip=10.0.0.2) `.
+sk_strip() {
+    sed -E -e $'s#\x1b\\[[0-9;?]*[ -/]*[@-~]##g' -e $'s#\x1b[]][^\a]*\a##g' -e $'s#\r$##' \
+        -e 's#^\([^()]*pid=[0-9]+[^()]*\) ?##'
+}
+
+sk_submitted_id() {  # the N of the last `Job submitted, ID: N` on stdin (ANSI stripped), or nothing
+    sk_strip | sed -nE 's/.*Job submitted, ID: ([0-9]+).*/\1/p' | tail -n 1
+}
+
+sk_cluster_status() {  # UP | STOPPED | INIT of cluster $1, or nothing when it does not exist
+    local out
+    out=$(sk_sky status -o json "$1" 2>/dev/null) || return 1
+    jq -r --arg c "$1" '[.[] | select(.name == $c) | .status][0] // empty' <<<"$out" 2>/dev/null
+}
+
+sk_job_by_name() {  # sk_job_by_name CLUSTER NAME -- the SkyPilot job id of task NAME on CLUSTER
+    local out
+    out=$(sk_sky queue -o json "$1" 2>/dev/null) || return 0
+    sed -n '/^{/,$p' <<<"$out" | jq -r --arg c "$1" --arg n "$2" \
+        '[(.[$c] // [])[] | select(.job_name == $n) | .job_id] | max // empty' 2>/dev/null || true
+}
+
+# ---- refreshing a record from SkyPilot -----------------------------------------------------------
+# sk_refresh DIR -- bring a queued/running record up to date: a supervisor that died before its
+# SkyPilot job existed -> failed; otherwise ask `sky logs CLUSTER N --status` and, once the job has
+# ended, fetch its log and result (sk_finalize).
+sk_refresh() {
+    local dir=$1 st cluster jid out rc sky_st cst
+    st=$(sk_state "$dir")
+    [[ $st == queued || $st == running ]] || return 0
+    jid=$(sk_meta "$dir" '.sky_job_id // empty')
+    cluster=$(sk_meta "$dir" .cluster)
+    if [[ -z $jid ]]; then
+        sk_alive "$dir" && return 0
+        jid=$(sk_meta "$dir" '.sky_job_id // empty')  # recorded just before the supervisor exited
+        if [[ -z $jid ]]; then  # a supervisor killed after `sky launch` printed the id: adopt it
+            jid=$(sk_submitted_id <"$dir/submit.log" 2>/dev/null || true)
+            [[ -z $jid ]] || sk_meta_set "$dir" '.sky_job_id = $j' --arg j "$jid"
+        fi
+        if [[ -z $jid ]]; then
+            if sk_transition "$dir" failed queued running; then
+                sk_note "$dir" "failed: no SkyPilot job was created on $cluster; output of sky $(sk_meta "$dir" '.mode // "launch"'):"
+                sk_strip <"$dir/submit.log" 2>/dev/null | tail -n 20 >>"$dir/log" || true
+                sk_reap_cluster "$dir"
+            fi
+            return 0
+        fi
+    fi
+    rc=0
+    out=$(sk_sky logs "$cluster" "$jid" --status 2>&1) || rc=$?
+    sky_st=$(sk_strip <<<"$out" | sed -nE 's/^Job [0-9]+: ([A-Z_]+).*/\1/p' | tail -n 1)
+    case $rc in
+        0) sky_st=SUCCEEDED ;;
+        100) [[ $sky_st == FAILED* ]] || sky_st=FAILED ;;
+        101) [[ -n $sky_st ]] || sky_st=RUNNING ;;
+        102) sky_st=NOT_FOUND ;;
+        103) sky_st=CANCELLED ;;
+        *)
+            if [[ -z $sky_st || $sky_st == None ]]; then  # no answer: is the cluster still there?
+                cst=$(sk_cluster_status "$cluster") || return 0  # SkyPilot unreachable: ask again later
+                # absent, or stopped (no job runs on a stopped cluster): the job is lost with it
+                [[ -z $cst || $cst == STOPPED ]] || return 0
+                sky_st=CLUSTER_GONE
+            fi ;;
+    esac
+    sk_meta_set "$dir" '.sky_status = $s' --arg s "$sky_st"
+    case $sky_st in
+        INIT | PENDING | SETTING_UP) return 0 ;;
+        RUNNING)
+            sk_transition "$dir" running queued || true
+            return 0 ;;
+    esac
+    sk_finalize "$dir" "$sky_st"
+}
+
+# sk_finalize DIR SKY_STATUS -- the job has ended on its cluster: fetch its full log (without the
+# line prefixes) and its result (the trainer's AR_RESULT_JSON line), then record succeeded (SkyPilot
+# SUCCEEDED and result status ok), cancelled or failed. Never overwrites a terminal state.
+sk_finalize() {
+    local dir=$1 sky_st=$2 cluster jid out final status i
+    cluster=$(sk_meta "$dir" .cluster)
+    jid=$(sk_meta "$dir" .sky_job_id)
+    out=""
+    if [[ $sky_st != CLUSTER_GONE && $sky_st != NOT_FOUND ]]; then
+        for i in 1 2 3; do
+            sk_fetch_log "$dir" && { out=yes; break; }
+            sleep "$i"
+        done
+    fi
+    status=$(jq -r '.status // empty' "$dir/result.json" 2>/dev/null || true)
+    case $sky_st in
+        SUCCEEDED) final=failed; [[ $status != ok ]] || final=succeeded ;;
+        CANCELLED) final=cancelled ;;
+        *) final=failed ;;
+    esac
+    if sk_transition "$dir" "$final" queued running; then
+        case $sky_st in
+            CLUSTER_GONE) sk_note "$dir" "failed: cluster $cluster is gone (torn down, autodowned or preempted) before the job's end was seen; its result may still be on the storage under results/$(basename "$dir")/" ;;
+            NOT_FOUND) sk_note "$dir" "failed: SkyPilot job $jid is not on cluster $cluster any more" ;;
+            *) sk_note "$dir" "SkyPilot job $cluster:$jid ended $sky_st, result status '${status:-none}' -> $final" ;;
+        esac
+        [[ -n $out || $sky_st == CLUSTER_GONE || $sky_st == NOT_FOUND ]] \
+            || sk_note "$dir" "warning: could not fetch the log (sky logs $cluster $jid --no-follow)"
+        [[ $sky_st != FAILED_SETUP && $sky_st != FAILED_DRIVER ]] || sk_reap_cluster "$dir"
+    fi
+}
+
+# sk_fetch_log DIR -- append the SkyPilot job's whole log (without line prefixes) to DIR/log and keep
+# its last AR_RESULT_JSON line as DIR/result.json. `--tail 0`: the CLI's default is the last 1000 lines.
+sk_fetch_log() {
+    local dir=$1 out
+    out=$(sk_sky logs "$(sk_meta "$dir" .cluster)" "$(sk_meta "$dir" .sky_job_id)" --no-follow --tail 0 \
+        2>/dev/null) || return 1
+    [[ -n $out ]] || return 0
+    sk_strip <<<"$out" >>"$dir/log"
+    grep -a '^AR_RESULT_JSON: ' "$dir/log" | tail -n 1 | sed 's/^AR_RESULT_JSON: //' \
+        | jq -c . 2>/dev/null | ar_write "$dir/result.json.new" || true
+    if [[ -s $dir/result.json.new ]]; then
+        mv -f "$dir/result.json.new" "$dir/result.json"
+    else
+        rm -f "$dir/result.json.new"
+    fi
+}
+
+# sk_reap_cluster DIR -- after a launch or setup failure SkyPilot keeps the cluster up for debugging
+# (no autodown): tear it down unless another job of ours still needs it.
+sk_reap_cluster() {
+    local dir=$1 cluster root other
+    cluster=$(sk_meta "$dir" .cluster)
+    root=$(dirname "$(dirname "$dir")")
+    for other in "$root"/jobs/*/; do
+        other=${other%/}
+        [[ $other != "$dir" && -f $other/meta.json ]] || continue
+        case $(sk_state "$other") in queued | running) ;; *) continue ;; esac
+        [[ $(sk_meta "$other" .cluster) != "$cluster" ]] || return 0
+    done
+    [[ -n $(sk_cluster_status "$cluster") ]] || return 0
+    sk_note "$dir" "tearing down $cluster (SkyPilot keeps a cluster whose setup failed): sky down -y $cluster"
+    sk_sky down -y --async "$cluster" >>"$dir/submit.log" 2>&1 || sk_note "$dir" "warning: sky down $cluster failed; run it yourself"
+}
+
+# ---- cancelling ------------------------------------------------------------------------------------
+# sk_cancel DIR STATE REASON -- mark a queued/running job STATE (cancelled|timeout) and cancel it:
+# `sky cancel` once it is a SkyPilot job, else stop its supervisor (whose trap cancels whatever its
+# `sky launch`/`sky exec` managed to create). Returns 1 when the job was already terminal, 4 when a
+# cancel could not be confirmed.
+sk_cancel() {
+    local dir=$1 to=$2 reason=$3 pgid i
+    sk_transition "$dir" "$to" queued running || return 1
+    sk_note "$dir" "$to: $reason"
+    if [[ -z $(sk_meta "$dir" '.sky_job_id // empty') ]] && sk_alive "$dir"; then
+        pgid=$(cat "$dir/pid" 2>/dev/null || true)
+        [[ ! $pgid =~ ^[0-9]+$ || $pgid -le 1 ]] || kill -TERM -- "-$pgid" 2>/dev/null || true
+        for ((i = 0; i < ${AR_SKY_KILL_GRACE_S:-30} * 10; i++)); do
+            sk_alive "$dir" || break
+            sleep 0.1
+        done
+        if sk_alive "$dir" && [[ $pgid =~ ^[0-9]+$ && $pgid -gt 1 ]]; then
+            kill -KILL -- "-$pgid" 2>/dev/null || true
+        fi
+    fi
+    local rc=0
+    sk_cancel_remote "$dir" || rc=$?
+    [[ -z $(sk_meta "$dir" '.sky_job_id // empty') ]] || sk_fetch_log "$dir" || true
+    return "$rc"
+}
+
+sk_cancel_remote() {  # `sky cancel` the job's SkyPilot job (if any), with retries; 4 if it failed
+    local dir=$1 cluster jid i out
+    cluster=$(sk_meta "$dir" .cluster)
+    jid=$(sk_meta "$dir" '.sky_job_id // empty')
+    [[ -n $jid ]] || return 0
+    for i in 1 2 3; do
+        if out=$(sk_sky cancel -y "$cluster" "$jid" 2>&1); then
+            sk_note "$dir" "sky cancel -y $cluster $jid: done"
+            return 0
+        fi
+        [[ -n $(sk_cluster_status "$cluster") ]] || return 0  # no cluster, no job
+        sleep "$i"
+    done
+    sk_note "$dir" "warning: sky cancel -y $cluster $jid failed: $(sk_strip <<<"$out" | tail -n 1)"
+    ar_warn "could not cancel SkyPilot job $cluster:$jid ($(basename "$dir")); run: sky cancel -y $cluster $jid"
+    return 4
+}

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# cancel-jobs.sh -- cancel SkyPilot jobs (idempotent).
+#
+# Usage: sky/cancel-jobs.sh ID...
+#
+# A queued or running job becomes cancelled: `sky cancel -y CLUSTER N` once its SkyPilot job exists;
+# while its `sky launch` / `sky exec` is still running, that call is stopped and whatever it created
+# is cancelled. The cluster stays up for the next job and autodowns after AR_SKY_IDLE_MIN idle
+# minutes (`sky down -y CLUSTER` to stop paying at once). A job that already ended stays as it is.
+# stdout: nothing. stderr: what changed.
+# Exit: 0 done, 1 a cancel could not be confirmed (retried; the message says what to run), 2 usage
+#       error or unknown id (checked before anything is cancelled), 3 jq/flock/sky missing.
+#
+# Env: AR_STATE_DIR, AR_SKY_CWD, AR_SKY_KILL_GRACE_S (seconds a stopped supervisor gets, default 30).
+# Contract: docs/contract.md
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(dirname "$here")
+# shellcheck source=sky/_lib.sh
+source "$here/_lib.sh"
+# shellcheck source=sky/_sky.sh
+source "$here/_sky.sh"
+AR_PROG=cancel-jobs.sh
+
+case ${1:-} in
+    -h | --help) ar_usage "$0"; exit 0 ;;
+    "") ar_die 2 "no job id given (see --help)" ;;
+    -*) ar_die 2 "unknown option '$1' (see --help)" ;;
+esac
+ar_need jq flock timeout
+root=$(sk_root "$repo")
+dirs=()
+for id in "$@"; do dirs+=("$(sk_job_dir "$root" "$id")"); done
+command -v sky >/dev/null 2>&1 || ar_die 3 "'sky' not found: pip install skypilot (then run 'sky check')"
+
+rc=0
+for dir in "${dirs[@]}"; do
+    sk_refresh "$dir"
+    before=$(sk_state "$dir")
+    r=0
+    sk_cancel "$dir" cancelled "cancel-jobs.sh" || r=$?
+    case $r in
+        0) ar_log "$(basename "$dir"): $before -> cancelled" ;;
+        1) ar_warn "$(basename "$dir"): already $(sk_state "$dir")" ;;
+        *) ar_log "$(basename "$dir"): $before -> cancelled (unconfirmed)"; rc=1 ;;
+    esac
+done
+exit "$rc"

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# logs.sh -- print a SkyPilot job's full log (trainer stdout + stderr and [ar-sky] notes).
+#
+# Usage: sky/logs.sh ID
+#
+# stdout: the log as it is now, without SkyPilot's `(task, pid=N) ` line prefixes: for a job that
+# ended, the copy fetched when it ended; for a running one, `sky logs CLUSTER N --no-follow --tail 0`
+# (never follows). Empty while the job is queued. The SkyPilot job is named in the first [ar-sky] line.
+# Exit: 0, 2 usage error or unknown id.
+#
+# Env: AR_STATE_DIR, AR_SKY_CWD.
+# Contract: docs/contract.md
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(dirname "$here")
+# shellcheck source=sky/_lib.sh
+source "$here/_lib.sh"
+# shellcheck source=sky/_sky.sh
+source "$here/_sky.sh"
+AR_PROG=logs.sh
+
+case ${1:-} in
+    -h | --help) ar_usage "$0"; exit 0 ;;
+    "") ar_die 2 "no job id given (see --help)" ;;
+    -*) ar_die 2 "unknown option '$1' (see --help)" ;;
+esac
+(($# == 1)) || ar_die 2 "one job id at a time (see --help)"
+ar_need jq flock timeout
+dir=$(sk_job_dir "$(sk_root "$repo")" "$1")
+if command -v sky >/dev/null 2>&1; then
+    sk_refresh "$dir"
+fi
+cat "$dir/log" 2>/dev/null || true
+jid=$(sk_meta "$dir" '.sky_job_id // empty')
+if [[ -n $jid ]] && ! ar_is_terminal "$(sk_state "$dir")"; then
+    sk_sky logs "$(sk_meta "$dir" .cluster)" "$jid" --no-follow --tail 0 2>/dev/null | sk_strip || true
+fi

@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# wait-jobs.sh -- wait for SkyPilot jobs; print each one's summary (or log tail) when it ends.
+#
+# Usage: sky/wait-jobs.sh ID...
+#
+# Polls `sky logs CLUSTER N --status` (exit 0 succeeded, 100 failed, 101 not finished, 102 not
+# found, 103 cancelled; never follows a log), and once a job has ended fetches its whole log with
+# `sky logs CLUSTER N --no-follow --tail 0`, without SkyPilot's `(task, pid=N) ` line prefixes.
+# stdout, per job, when it ends: `=== ID (STATE) ===` (succeeded|failed|timeout|cancelled), then the
+# trainer's summary verbatim (`---` through `AR_RESULT_JSON: {...}`; rebuilt from result.json if the
+# log lacks it), or the last 25 log lines when the job did not succeed.
+# stderr: timestamped state changes.
+# Jobs still queued or running at the deadline are cancelled (`sky cancel`; -> timeout); SIGINT /
+# SIGTERM cancel every unfinished job (-> cancelled). A job whose launch failed, whose supervisor
+# died before its SkyPilot job existed, or whose cluster disappeared is marked failed.
+# Exit: 0 all succeeded, 1 some did not, 2 usage error or unknown id, 3 jq/flock/sky missing,
+#       130/143 interrupted (after cancelling).
+#
+# Env: AR_TIMEOUT_S  seconds before the rest is cancelled; default (3 x the profile's budget + 600)
+#                    x the most jobs queued on one cluster; profile budgets: full 300, tiny 20,
+#                    smoke 5 (unset profile: full).
+#      AR_STATE_DIR, AR_SKY_POLL_S (seconds between polls, default 10), AR_SKY_CWD.
+# Contract: docs/contract.md
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(dirname "$here")
+# shellcheck source=sky/_lib.sh
+source "$here/_lib.sh"
+# shellcheck source=sky/_sky.sh
+source "$here/_sky.sh"
+AR_PROG=wait-jobs.sh
+# Traps first: bash drops a SIGINT that arrives while it waits on a child before any trap is set.
+signal=""
+trap 'signal=INT' INT
+trap 'signal=TERM' TERM
+
+case ${1:-} in
+    -h | --help) ar_usage "$0"; exit 0 ;;
+    "") ar_die 2 "no job id given (see --help)" ;;
+    -*) ar_die 2 "unknown option '$1' (see --help)" ;;
+esac
+ar_need jq flock timeout
+root=$(sk_root "$repo")
+ids=() dirs=()
+for id in "$@"; do
+    dir=$(sk_job_dir "$root" "$id")
+    [[ " ${ids[*]} " == *" $id "* ]] && continue
+    ids+=("$id") dirs+=("$dir")
+done
+command -v sky >/dev/null 2>&1 || ar_die 3 "'sky' not found: pip install skypilot (then run 'sky check')"
+
+# Default deadline: the longest profile among the unfinished jobs, times the longest cluster queue.
+budget=0 waves=1
+declare -A per_cluster=()
+for dir in "${dirs[@]}"; do
+    ar_is_terminal "$(sk_state "$dir")" && continue
+    IFS='|' read -r profile cluster < <(sk_meta "$dir" '[.env.AR_PROFILE // "", .cluster] | join("|")')
+    b=$(ar_profile_budget "$profile")
+    ((b > budget)) && budget=$b
+    per_cluster[$cluster]=$(( ${per_cluster[$cluster]:-0} + 1 ))
+    ((per_cluster[$cluster] > waves)) && waves=${per_cluster[$cluster]}
+done
+((budget > 0)) || budget=300
+timeout=$(ar_timeout_s $(( (3 * budget + 600) * waves )))
+ar_log "waiting for ${#ids[@]} job(s), up to ${timeout}s"
+
+deadline=$((SECONDS + timeout))
+declare -A seen=()
+pending=("${!ids[@]}")
+failed=0 cancel_rc=0
+while :; do
+    still=()
+    for k in "${pending[@]}"; do
+        id=${ids[k]} dir=${dirs[k]}
+        [[ -n $signal ]] || sk_refresh "$dir"
+        st=$(sk_state "$dir")
+        if [[ ${seen[$id]:-} != "$st" ]]; then
+            ar_log "$id: ${seen[$id]:-submitted} -> $st"
+            seen[$id]=$st
+        fi
+        if ar_is_terminal "$st"; then
+            ar_print_block "$id" "$st" "$dir/log" "$dir/result.json"
+            [[ $st == succeeded ]] || failed=1
+        else
+            still+=("$k")
+        fi
+    done
+    pending=("${still[@]}")
+    ((${#pending[@]})) || break
+    reason=""
+    if [[ -n $signal ]]; then
+        to=cancelled reason="wait-jobs.sh got SIG$signal"
+    elif ((SECONDS >= deadline)); then
+        to=timeout reason="wait-jobs.sh deadline of ${timeout}s (AR_TIMEOUT_S) passed"
+    fi
+    if [[ -n $reason ]]; then
+        ar_log "$reason: cancelling ${#pending[@]} job(s)"
+        for k in "${pending[@]}"; do
+            rc=0
+            sk_cancel "${dirs[k]}" "$to" "$reason" || rc=$?
+            ((rc != 4)) || cancel_rc=1
+        done
+        continue
+    fi
+    sleep "${AR_SKY_POLL_S:-10}" &
+    wait $! || true
+done
+((cancel_rc == 0)) || ar_warn "some cancels could not be confirmed (see above); check with: sky queue"
+
+case $signal in
+    INT) exit 130 ;;
+    TERM) exit 143 ;;
+esac
+exit "$failed"
