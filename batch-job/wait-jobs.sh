@@ -31,11 +31,7 @@ source "$here/_lib.sh"
 source "$here/_vessl.sh"
 AR_PROG=wait-jobs.sh
 
-case ${1:-} in
-    -h | --help) ar_usage "$0"; exit 0 ;;
-    "") ar_die 2 "no job id given (see --help)" ;;
-    -*) ar_die 2 "unknown option '$1' (see --help)" ;;
-esac
+ar_parse_ids "$@"
 ar_need jq flock
 root=$(vs_root "$repo")
 ids=() dirs=()

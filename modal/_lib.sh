@@ -38,6 +38,14 @@ ar_need() {  # ar_need CMD... -- exit 3 naming what to install
 ar_is_terminal() { [[ $AR_TERMINAL_STATES == *" $1 "* ]]; }
 
 # ---- arguments -----------------------------------------------------------------------------------
+ar_parse_ids() {  # ar_parse_ids "$@" -- for the ID... scripts: --help prints the usage of $0 and exits 0;
+    # no id, or an option, is a one-line error and exit 2. Checking that the ids exist is the backend's job.
+    case ${1:-} in
+        -h | --help) ar_usage "$0"; exit 0 ;;
+        "") ar_die 2 "no job id given (see --help)" ;;
+        -*) ar_die 2 "unknown option '$1' (see --help)" ;;
+    esac
+}
 ar_check_ids() {  # ar_check_ids ID... -- exit 2 on a malformed id (existence is the backend's check)
     local id
     for id in "$@"; do

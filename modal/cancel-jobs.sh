@@ -22,11 +22,7 @@ source "$here/_lib.sh"
 source "$here/_modal.sh"
 AR_PROG=cancel-jobs.sh
 
-case ${1:-} in
-    -h | --help) ar_usage "$0"; exit 0 ;;
-    "") ar_die 2 "no job id given (see --help)" ;;
-    -*) ar_die 2 "unknown option '$1' (see --help)" ;;
-esac
+ar_parse_ids "$@"
 root=$(am_root "$repo")
 for id in "$@"; do am_job_dir "$root" "$id" >/dev/null; done
 python=$(am_python "$repo")

@@ -20,11 +20,7 @@ source "$here/_lib.sh"
 source "$here/_modal.sh"
 AR_PROG=logs.sh
 
-case ${1:-} in
-    -h | --help) ar_usage "$0"; exit 0 ;;
-    "") ar_die 2 "no job id given (see --help)" ;;
-    -*) ar_die 2 "unknown option '$1' (see --help)" ;;
-esac
+ar_parse_ids "$@"
 (($# == 1)) || ar_die 2 "one job id at a time (see --help)"
 dir=$(am_job_dir "$(am_root "$repo")" "$1")
 if ar_is_terminal "$(am_state "$dir")"; then

@@ -32,11 +32,7 @@ signal=""  # from the start: a signal during the first poll still cancels (the l
 trap 'signal=INT' INT
 trap 'signal=TERM' TERM
 
-case ${1:-} in
-    -h | --help) ar_usage "$0"; exit 0 ;;
-    "") ar_die 2 "no job id given (see --help)" ;;
-    -*) ar_die 2 "unknown option '$1' (see --help)" ;;
-esac
+ar_parse_ids "$@"
 ar_need jq
 root=$(am_root "$repo")
 ids=() dirs=()

@@ -35,11 +35,7 @@ signal=""
 trap 'signal=INT' INT
 trap 'signal=TERM' TERM
 
-case ${1:-} in
-    -h | --help) ar_usage "$0"; exit 0 ;;
-    "") ar_die 2 "no job id given (see --help)" ;;
-    -*) ar_die 2 "unknown option '$1' (see --help)" ;;
-esac
+ar_parse_ids "$@"
 ar_need jq flock timeout
 root=$(sk_root "$repo")
 ids=() dirs=()
