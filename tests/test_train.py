@@ -127,9 +127,11 @@ def test_huge_learning_rate_fails_fast(ar_cache, tmp_path):
     assert wall < 30  # well before the end of the budget + eval
 
 
-def test_bad_batch_geometry_is_a_config_error(ar_cache):
-    proc = run_train(ar_cache, AR_PROFILE="smoke", AR_TOTAL_BATCH_SIZE="1000")
+@pytest.mark.parametrize("env", [dict(AR_TOTAL_BATCH_SIZE="1000"), dict(AR_DEVICE_BATCH_SIZE="0")])
+def test_bad_batch_geometry_is_a_config_error(ar_cache, env):
+    proc = run_train(ar_cache, AR_PROFILE="smoke", **env)
     assert proc.returncode == 2 and "TOTAL_BATCH_SIZE" in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0
 
 
 def test_tiny_profile_end_to_end(ar_cache):

@@ -424,7 +424,7 @@ def main():
     knobs, overrides = resolve_knobs(profile, os.environ)
     k = knobs
     T = profile.max_seq_len
-    if k["TOTAL_BATCH_SIZE"] % (k["DEVICE_BATCH_SIZE"] * T) != 0 or k["DEVICE_BATCH_SIZE"] < 1:
+    if k["DEVICE_BATCH_SIZE"] < 1 or k["TOTAL_BATCH_SIZE"] < 1 or k["TOTAL_BATCH_SIZE"] % (k["DEVICE_BATCH_SIZE"] * T):
         raise ConfigError(f"TOTAL_BATCH_SIZE={k['TOTAL_BATCH_SIZE']} must be a positive multiple of "
                           f"DEVICE_BATCH_SIZE * seq_len = {k['DEVICE_BATCH_SIZE']} * {T}")
     if min(k["DEPTH"], k["HEAD_DIM"], k["KV_HEAD_RATIO"], k["ASPECT_RATIO"]) < 1 or k["HEAD_DIM"] % 2:
