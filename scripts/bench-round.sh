@@ -16,6 +16,7 @@
 #   AR_CACHE_DIR prepared data cache (default ~/.cache/autoresearch)
 #   PYTHON       interpreter with the project's dependencies (default: <repo>/.venv/bin/python)
 set -euo pipefail
+case ${1:-} in -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;; esac
 repo=$(cd "$(dirname "$0")/.." && pwd)
 out=${1:-$(mktemp -d)}
 mkdir -p "$out"

@@ -10,6 +10,7 @@
 #   PYTHON       interpreter with the project's dependencies (default: .venv/bin/python, else python3)
 #   BENCH_RUNS   how many runs in total (default 2: cold + warm)
 set -euo pipefail
+case ${1:-} in -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;; esac
 cd "$(dirname "$0")/.."
 
 out=${1:-$(mktemp -d)}

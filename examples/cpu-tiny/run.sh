@@ -9,6 +9,7 @@
 #   WARMDOWN_RATIO on the new best.
 # Env: AR_CACHE_DIR (prepared data cache), AR_LOCAL_SLOTS (default: CPU cores), PYTHON (default .venv/bin/python)
 set -euo pipefail
+case ${1:-} in -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;; esac
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 out=${1:-$repo/examples/cpu-tiny}
 mkdir -p "$out"
