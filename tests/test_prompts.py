@@ -12,7 +12,7 @@ import subprocess
 import pytest
 from conftest import REPO, clean_env
 
-PROMPTS = sorted((REPO / "agent-prompts").glob("*.md"))
+PROMPTS = sorted(p for p in (REPO / "agent-prompts").glob("*.md") if p.name != "README.md")
 DOCS = PROMPTS + [REPO / "README.md"] + sorted(REPO.glob("*/README.md")) + [REPO / "docs" / "contract.md"]
 TEXT = {p.relative_to(REPO).as_posix(): p.read_text() for p in DOCS}
 CODE_SUFFIXES = {".sh", ".py", ".yaml", ".yml", ".toml"}
