@@ -38,6 +38,37 @@ ar_need() {  # ar_need CMD... -- exit 3 naming what to install
 ar_is_terminal() { [[ $AR_TERMINAL_STATES == *" $1 "* ]]; }
 
 # ---- arguments -----------------------------------------------------------------------------------
+# ar_reuse_job ROOT NAME SHA ENV_JSON REFRESH STATE -- the idempotent half of a submit, for a backend that
+# keeps ROOT/names/<name> (the latest id of a name) and ROOT/jobs/<id>/meta.json (.commit, .env). REFRESH and
+# STATE are the backend's functions taking a job dir. When the latest job of NAME is queued, running or
+# succeeded: print its id and exit 0 (exit 2 if it ran another commit or other overrides). Otherwise set
+# AR_NEW_ID to a fresh id: NAME, or NAME-2, NAME-3, ... after failed, timed-out or cancelled attempts.
+ar_reuse_job() {
+    local root=$1 name=$2 sha=$3 env_json=$4 refresh=$5 state=$6 old old_dir st same n
+    if [[ -f $root/names/$name ]]; then
+        old=$(cat "$root/names/$name")
+        if [[ -f $root/jobs/$old/meta.json ]]; then
+            old_dir=$root/jobs/$old
+            "$refresh" "$old_dir"
+            st=$("$state" "$old_dir")
+            if [[ $st == queued || $st == running || $st == succeeded ]]; then
+                same=$(jq --arg c "$sha" --argjson e "$env_json" '.commit == $c and .env == $e' "$old_dir/meta.json")
+                [[ $same == true ]] \
+                    || ar_die 2 "name '$name' is taken by job $old ($st) for another commit or overrides; choose another --name"
+                ar_warn "$name: already submitted as $old ($st); not starting another"
+                echo "$old"
+                exit 0
+            fi
+            ar_warn "$name: the last job $old ended $st; starting a new one"
+        fi
+    fi
+    AR_NEW_ID=$name
+    for ((n = 2; ; n++)); do
+        [[ -e $root/jobs/$AR_NEW_ID ]] || break
+        AR_NEW_ID=$name-$n
+    done
+}
+
 ar_parse_ids() {  # ar_parse_ids "$@" -- for the ID... scripts: --help prints the usage of $0 and exits 0;
     # no id, or an option, is a one-line error and exit 2. Checking that the ids exist is the backend's job.
     case ${1:-} in

@@ -77,27 +77,8 @@ env_json=$(jq -n '$ARGS.positional | map(index("=") as $i | {(.[:$i]): .[$i + 1:
     --args "${AR_RES_PAIRS[@]}")
 
 # ---- idempotency: the latest job of this name, unless it failed, timed out or was cancelled --------
-if [[ -f $root/names/$name ]]; then
-    old=$(cat "$root/names/$name")
-    if [[ -f $root/jobs/$old/meta.json ]]; then
-        old_dir=$root/jobs/$old
-        sk_refresh "$old_dir"
-        st=$(sk_state "$old_dir")
-        if [[ $st == queued || $st == running || $st == succeeded ]]; then
-            same=$(jq --arg c "$sha" --argjson e "$env_json" '.commit == $c and .env == $e' "$old_dir/meta.json")
-            [[ $same == true ]] || ar_die 2 "name '$name' is taken by job $old ($st) for another commit or overrides; choose another --name"
-            ar_warn "$name: already submitted as $old ($st); not starting another"
-            echo "$old"
-            exit 0
-        fi
-        ar_warn "$name: the last job $old ended $st; starting a new one"
-    fi
-fi
-id=$name
-for ((n = 2; ; n++)); do
-    [[ -e $root/jobs/$id ]] || break
-    id=$name-$n
-done
+ar_reuse_job "$root" "$name" "$sha" "$env_json" sk_refresh sk_state  # prints the id and exits when reusing
+id=$AR_NEW_ID
 
 # ---- the cluster: idle UP one > new one under the cap > queue on the least loaded ------------------
 prefix="ar-$tag-${slug:+$slug-}"
