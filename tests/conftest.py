@@ -12,8 +12,12 @@ PY = sys.executable
 
 
 def clean_env(**extra):
-    """The parent environment minus any AR_ variables (a developer's shell must not leak knobs into tests)."""
+    """The parent environment minus any AR_ variables (a developer's shell must not leak knobs into tests)
+    and minus make's own variables (under `make test`, a nested `make` would otherwise print
+    'Entering directory' lines on stdout)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AR_")}
+    for k in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES"):  # `make test` must not leak into nested makes
+        env.pop(k, None)
     env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "2"))
     env.update({k: str(v) for k, v in extra.items()})
     return env

@@ -5,7 +5,8 @@ backend folder (AR_TEST_BACKEND_DIR) that implements docs/contract.md with tiny 
 background processes that sleep briefly and print a trainer-like summary whose val_bpb is computed
 from the commit's train.py (`# FAKE_VAL=...`, ADOPTED) and the overrides:
     val_bpb = FAKE_VAL (default 1.0) + (MATRIX_LR - 0.04) + 0.01 * (SEED - 42);  DEPTH=0 crashes.
-The last test runs a real round on the local backend with the real trainer (tiny profile, as CI promises).
+The last test runs a real round on the local backend with the real trainer (smoke profile, with a kill -9
+and a resume; tests/test_prompts.py runs `make round` on the tiny profile, as the agent prompts do).
 """
 
 import ast
@@ -590,7 +591,8 @@ def test_results_status_plot_targets(world):
 
 
 # ---------------------------------------------------------------------------------------------
-# end to end: the real local backend and the real trainer (tiny profile: the CPU/CI profile)
+# end to end: the real local backend and the real trainer (smoke profile; the tiny-profile rounds are in
+# tests/test_prompts.py)
 # ---------------------------------------------------------------------------------------------
 LOCAL_FILES = ("local/submit-async.sh", "local/wait-jobs.sh", "local/cancel-jobs.sh")
 
@@ -604,7 +606,7 @@ def test_end_to_end_local_backend(tmp_path, ar_cache):
     for rel in ("Makefile", "pyproject.toml", ".gitignore"):
         shutil.copy2(REPO / rel, repo / rel)
     os.symlink(REPO / ".venv", repo / ".venv")
-    env = clean_env(AR_CACHE_DIR=ar_cache, AR_PROFILE="tiny", AR_LOCAL_SLOTS="2", AR_LOCAL_THREADS="1",
+    env = clean_env(AR_CACHE_DIR=ar_cache, AR_PROFILE="smoke", AR_LOCAL_SLOTS="2", AR_LOCAL_THREADS="1",
                     GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.invalid", GIT_COMMITTER_NAME="t",
                     GIT_COMMITTER_EMAIL="t@example.invalid")
     for cmd in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
@@ -631,7 +633,7 @@ def test_end_to_end_local_backend(tmp_path, ar_cache):
     assert sorted(r["candidate"] for r in rows) == ["c0", "c1", "c2", "c3", "c4"]
     assert sorted(r["job_id"] for r in rows) == jobs
     assert all(r["status"] in ("keep", "discard") for r in rows), rows
-    assert all(0 < float(r["val_bpb"]) < 20 and r["profile"] == "tiny" and r["gpu"] == "cpu" for r in rows)
+    assert all(0 < float(r["val_bpb"]) < 20 and r["profile"] == "smoke" and r["gpu"] == "cpu" for r in rows)
     assert all(r["backend"] == "local" and r["job_id"].startswith("ar-e2e-") for r in rows)
     assert p.stdout.startswith("round 1 of tag e2e") and "delta_vs_best" in p.stdout and "next round: 2" in p.stdout
     assert sum(r["status"] == "keep" for r in rows) in (1, 2)
