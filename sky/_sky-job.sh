@@ -12,6 +12,10 @@
 # and records `Job submitted, ID: N` as sky_job_id. It exits as soon as the job exists (or the
 # launch failed: the job is then failed, with SkyPilot's output in its log). SIGTERM (cancel-jobs.sh)
 # stops the sky call and cancels whatever it created.
+# A managed job (AR_SKY_MANAGED=1) has no cluster of ours: the supervisor waits until fewer than
+# SKY_MAX_CLUSTERS managed jobs of its pool are in flight, then runs
+#   sky jobs launch task.yaml -n ID -d -y --workdir <snapshot> [--use-spot] [--job-recovery X] ...
+# and records the managed job id.
 
 # shellcheck disable=SC2016  # jq programs are single-quoted on purpose
 set -euo pipefail
@@ -29,9 +33,12 @@ cluster=$(sk_meta "$dir" .cluster)
 root=$(dirname "$(dirname "$dir")")
 cdir=$root/clusters/$cluster
 child=""
+mode=""       # managed once this is a managed job
+launching=0   # 1 from the moment `sky jobs launch` may have created the job
 
 record_job() {  # record_job N MODE
-    sk_meta_set "$dir" '.sky_job_id = $j | .mode = $m' --arg j "$1" --arg m "$2"
+    sk_meta_set "$dir" '.sky_job_id = $j | .mode = $m | .launched_epoch = ($t | tonumber)' --arg j "$1" --arg m "$2" \
+        --arg t "$(date +%s)"
 }
 
 on_signal() {
@@ -43,6 +50,16 @@ on_signal() {
     local jid
     jid=$(sk_meta "$dir" '.sky_job_id // empty')
     [[ -n $jid ]] || jid=$(sk_submitted_id <"$dir/submit.log")
+    if [[ $mode == managed ]]; then
+        [[ -n $jid ]] || jid=$(sk_mjob_by_name "$id")
+        if [[ -n $jid ]]; then
+            record_job "$jid" managed
+            sk_sky jobs cancel -y "$jid" >>"$dir/submit.log" 2>&1 || true
+        elif [[ $launching == 1 ]]; then  # not listed (yet): cancel by name, in case it is by now
+            sk_sky jobs cancel -y -n "$id" >>"$dir/submit.log" 2>&1 || true
+        fi
+        exit 143
+    fi
     [[ -n $jid ]] || jid=$(sk_job_by_name "$cluster" "$id")
     if [[ -n $jid ]]; then
         record_job "$jid" "${mode:-launch}"
@@ -53,6 +70,67 @@ on_signal() {
 trap on_signal TERM INT HUP
 
 echo "$$" | ar_write "$dir/pid"  # setsid made this shell the leader of the job's process group
+
+# The job's environment on SkyPilot: effective overrides, forwarded settings, and its identity.
+envs=()
+while IFS= read -r pair; do
+    envs+=(--env "$pair")  # one argv element each: a value is never evaluated by a shell
+done < <(jq -r '(.env + .forward) | to_entries[] | "\(.key)=\(.value)"' "$dir/meta.json")
+envs+=(--env "EXPERIMENT_ID=$id" --env "AR_SKY_COMMIT=$(sk_meta "$dir" .commit)"
+    --env "AR_SKY_TRAIN_SHA256=$(sk_meta "$dir" .train_py_sha256)"
+    --env "AR_SKY_MAX_RUNTIME_S=$(sk_meta "$dir" .max_runtime_s)")
+gpus=$(sk_meta "$dir" .gpus)
+infra=$(sk_meta "$dir" .infra)
+
+# ---- a managed job: wait for a slot of the pool, then `sky jobs launch` ------------------------------
+if sk_managed "$dir"; then
+    mode=managed
+    pool=$(sk_meta "$dir" .pool)
+    cap=$(sk_meta "$dir" .max_in_flight)
+    exec 7>>"$root/managed-${pool%-}.lock"
+    waited=""
+    while :; do
+        flock 7 &  # in the background, so that a cancel's SIGTERM is handled while waiting
+        child=$!
+        wait "$child"
+        child=""
+        [[ $(sk_state "$dir") == queued ]] || exit 0  # cancelled while waiting
+        sk_mq_forget
+        n=$(sk_managed_in_flight "$root" "$pool" "$id")
+        ((n >= cap)) || break
+        flock -u 7
+        if [[ -z $waited ]]; then
+            sk_note "$dir" "waiting: $n managed job(s) of ${pool%-} in flight, SKY_MAX_CLUSTERS=$cap"
+            waited=1
+        fi
+        sleep "${AR_SKY_POLL_S:-10}" &
+        child=$!
+        wait "$child"
+        child=""
+    done
+    cmd=(jobs launch "$dir/bin/task.yaml" -n "$id" -d -y --workdir "$dir/src" ${gpus:+--gpus "$gpus"} "${envs[@]}"
+        ${infra:+--infra "$infra"})
+    if [[ $(sk_meta "$dir" .spot) == true ]]; then cmd+=(--use-spot); else cmd+=(--no-use-spot); fi
+    recovery=$(sk_meta "$dir" '.recovery // empty')
+    [[ -z $recovery ]] || cmd+=(--job-recovery "$recovery")
+    printf '%s sky %s\n' "$(ar_now)" "${cmd[*]}" >>"$dir/submit.log"
+    launching=1
+    rc=0
+    sk_sky "${cmd[@]}" </dev/null >>"$dir/submit.log" 2>&1 &
+    child=$!
+    wait "$child" || rc=$?
+    child=""
+    jid=$(sk_submitted_id <"$dir/submit.log")
+    if [[ -z $jid ]]; then
+        sk_meta_set "$dir" '.mode = "managed"'
+        exit 0  # no managed job: the next sk_refresh records failed with this output (exit $rc)
+    fi
+    record_job "$jid" managed
+    sk_note "$dir" "SkyPilot managed job $jid submitted ($(sk_meta "$dir" .placement))"
+    exit 0
+fi
+
+# ---- pool mode: this job's cluster ------------------------------------------------------------------
 mkdir -p "$cdir/workdir/jobs"
 exec 7>>"$cdir/lock"
 flock 7 &  # in the background, so that a cancel's SIGTERM is handled while waiting
@@ -74,16 +152,6 @@ rm -rf "$cdir/workdir/jobs/$id" "$cdir/workdir/jobs/.tmp-$id"
 cp -a "$dir/src" "$cdir/workdir/jobs/.tmp-$id"
 mv "$cdir/workdir/jobs/.tmp-$id" "$cdir/workdir/jobs/$id"
 
-# The job's environment on the cluster: effective overrides, forwarded settings, and its identity.
-envs=()
-while IFS= read -r pair; do
-    envs+=(--env "$pair")  # one argv element each: a value is never evaluated by a shell
-done < <(jq -r '(.env + .forward) | to_entries[] | "\(.key)=\(.value)"' "$dir/meta.json")
-envs+=(--env "EXPERIMENT_ID=$id" --env "AR_SKY_COMMIT=$(sk_meta "$dir" .commit)"
-    --env "AR_SKY_TRAIN_SHA256=$(sk_meta "$dir" .train_py_sha256)"
-    --env "AR_SKY_MAX_RUNTIME_S=$(sk_meta "$dir" .max_runtime_s)")
-gpus=$(sk_meta "$dir" .gpus)
-infra=$(sk_meta "$dir" .infra)
 key=$(sk_meta "$dir" .setup_key)
 common=("$dir/bin/task.yaml" -d -n "$id" --workdir "$cdir/workdir" ${gpus:+--gpus "$gpus"} "${envs[@]}")
 

@@ -3,9 +3,11 @@
 # _lib.sh, never run).
 #
 # A job is a directory ${AR_STATE_DIR:-<repo>/.ar}/sky/jobs/<id>/ (see sky/README.md). Until its
-# SkyPilot job exists, the job's supervisor (_sky-job.sh, which runs `sky launch` or `sky exec`) holds
-# an flock on alive.lock; afterwards the job lives on its cluster and `sky logs CLUSTER N --status`
-# says how it is doing. State changes happen under an flock on the job's .lock.
+# SkyPilot job exists, the job's supervisor (_sky-job.sh, which runs `sky launch`, `sky exec` or
+# `sky jobs launch`) holds an flock on alive.lock; afterwards the job lives on SkyPilot's side:
+#   pool mode (default)       on its cluster; `sky logs CLUSTER N --status` says how it is doing
+#   managed mode              a managed job (AR_SKY_MANAGED=1); `sky jobs queue -o json` says
+# State changes happen under an flock on the job's .lock.
 
 sk_root() {  # the sky backend's state dir, for the repo $1
     local dir=${AR_STATE_DIR:-$1/.ar}
@@ -21,6 +23,14 @@ sk_job_dir() {  # sk_job_dir ROOT ID -- the job's directory; exit 2 (one line) f
 }
 
 sk_alive() { ! flock -n "$1/alive.lock" true 2>/dev/null; }  # true while the supervisor lives
+sk_managed() { [[ $(jq -r '.managed // false' "$1/meta.json") == true ]]; }  # a managed job (sky jobs)?
+sk_handle() {  # how SkyPilot knows the job: `managed job N` or `CLUSTER:N`
+    if sk_managed "$1"; then
+        printf 'managed job %s\n' "$(sk_meta "$1" '.sky_job_id // "?"')"
+    else
+        printf '%s:%s\n' "$(sk_meta "$1" .cluster)" "$(sk_meta "$1" '.sky_job_id // "?"')"
+    fi
+}
 
 sk_note() { printf '[ar-sky] %s %s\n' "$(ar_now)" "$2" >>"$1/log"; }  # sk_note DIR MESSAGE
 
@@ -57,7 +67,8 @@ sk_transition() {
 # so a hung API server cannot stall a wait past its deadline.
 sk_sky() {
     local limit=()
-    case $1 in launch | exec) ;; *) limit=(timeout --foreground -k 10 "${AR_SKY_CALL_TIMEOUT_S:-180}") ;; esac
+    case "$1 ${2:-}" in "launch "* | "exec "* | "jobs launch") ;;
+        *) limit=(timeout --foreground -k 10 "${AR_SKY_CALL_TIMEOUT_S:-180}") ;; esac
     (cd "${AR_SKY_CWD:-${HOME:-/}}" && exec "${limit[@]}" sky "$@") </dev/null 7>&- 8>&- 9>&-
 }
 
@@ -68,8 +79,8 @@ sk_strip() {
         -e 's#^\([^()]*pid=[0-9]+[^()]*\) ?##'
 }
 
-sk_submitted_id() {  # the N of the last `Job submitted, ID: N` on stdin (ANSI stripped), or nothing
-    sk_strip | sed -nE 's/.*Job submitted, ID: ([0-9]+).*/\1/p' | tail -n 1
+sk_submitted_id() {  # the N of the last `Job submitted, ID: N` (or `Managed Job ID: N`) on stdin, or nothing
+    sk_strip | sed -nE 's/.*(Job submitted, ID|Managed Job ID): ([0-9]+)[[:space:]]*$/\2/p' | tail -n 1
 }
 
 sk_cluster_status() {  # UP | STOPPED | INIT of cluster $1, or nothing when it does not exist
@@ -83,6 +94,35 @@ sk_job_by_name() {  # sk_job_by_name CLUSTER NAME -- the SkyPilot job id of task
     out=$(sk_sky queue -o json "$1" 2>/dev/null) || return 0
     sed -n '/^{/,$p' <<<"$out" | jq -r --arg c "$1" --arg n "$2" \
         '[(.[$c] // [])[] | select(.job_name == $n) | .job_id] | max // empty' 2>/dev/null || true
+}
+
+# ---- managed jobs: `sky jobs queue -o json` -------------------------------------------------------
+# One listing serves every job looked at in one pass (wait-jobs.sh calls sk_mq_forget per poll):
+# the unfinished jobs first (short), all jobs (-a -v: with failure reasons) only for a job not in it.
+sk_mq_forget() { unset SK_MQ_ACTIVE SK_MQ_ALL; }
+sk_mq() {  # sk_mq [ARGS] -- the JSON list `sky jobs queue -o json ARGS` prints; 1 if it is not one
+    local out
+    out=$(sk_sky jobs queue -o json "$@" 2>/dev/null) || return 1
+    out=$(sed -n '/^\[/,$p' <<<"$out")
+    jq -e 'type == "array"' >/dev/null 2>&1 <<<"$out" || return 1
+    printf '%s\n' "$out"
+}
+# sk_mjob N -- sets SK_REC to managed job N's record (one line of JSON; empty when it is not listed,
+# yet or any more). Returns 1, SK_REC unset, when SkyPilot gave no JSON list (ask again later).
+sk_mjob() {
+    local pick='first(.[] | select(.job_id == $j and (.task_id // 0) == 0)) // empty'
+    unset SK_REC
+    if [[ -z ${SK_MQ_ACTIVE+set} ]]; then SK_MQ_ACTIVE=$(sk_mq --skip-finished) || { unset SK_MQ_ACTIVE; return 1; }; fi
+    SK_REC=$(jq -c --argjson j "$1" "$pick" <<<"$SK_MQ_ACTIVE")
+    [[ -z $SK_REC ]] || return 0
+    if [[ -z ${SK_MQ_ALL+set} ]]; then SK_MQ_ALL=$(sk_mq -a -v) || { unset SK_MQ_ALL SK_REC; return 1; }; fi
+    SK_REC=$(jq -c --argjson j "$1" "$pick" <<<"$SK_MQ_ALL")
+}
+sk_mjob_by_name() {  # sk_mjob_by_name NAME -- the newest unfinished managed job of that name, or nothing
+    local out
+    out=$(sk_mq -a) || return 0
+    jq -r --arg n "$1" '[.[] | select(.job_name == $n and (.status | test("^(SUCCEEDED|CANCELLED|FAILED.*)$") | not))
+        | .job_id] | max // empty' <<<"$out" 2>/dev/null || true
 }
 
 # ---- refreshing a record from SkyPilot -----------------------------------------------------------
@@ -104,12 +144,20 @@ sk_refresh() {
         fi
         if [[ -z $jid ]]; then
             if sk_transition "$dir" failed queued running; then
-                sk_note "$dir" "failed: no SkyPilot job was created on $cluster; output of sky $(sk_meta "$dir" '.mode // "launch"'):"
+                if sk_managed "$dir"; then
+                    sk_note "$dir" "failed: no managed job was created; output of sky jobs launch:"
+                else
+                    sk_note "$dir" "failed: no SkyPilot job was created on $cluster; output of sky $(sk_meta "$dir" '.mode // "launch"'):"
+                fi
                 sk_strip <"$dir/submit.log" 2>/dev/null | tail -n 20 >>"$dir/log" || true
-                sk_reap_cluster "$dir"
+                sk_managed "$dir" || sk_reap_cluster "$dir"
             fi
             return 0
         fi
+    fi
+    if sk_managed "$dir"; then
+        sk_refresh_managed "$dir" "$jid"
+        return 0
     fi
     rc=0
     out=$(sk_sky logs "$cluster" "$jid" --status 2>&1) || rc=$?
@@ -138,6 +186,32 @@ sk_refresh() {
     sk_finalize "$dir" "$sky_st"
 }
 
+# sk_refresh_managed DIR N -- the same for a managed job, from its `sky jobs queue` record. A job not
+# listed yet (the controller can list a new job late) stays queued for AR_SKY_LISTING_GRACE_S after
+# its launch; RECOVERING (preempted, being relaunched elsewhere) counts as running.
+sk_refresh_managed() {
+    local dir=$1 jid=$2 sky_st recov old since
+    sk_mjob "$jid" || return 0  # no answer: ask again later
+    if [[ -z $SK_REC ]]; then
+        since=$(sk_meta "$dir" '.launched_epoch // 0')
+        (( $(date +%s) - since >= ${AR_SKY_LISTING_GRACE_S:-120} )) || return 0
+        sky_st=NOT_FOUND recov=0
+    else
+        IFS='|' read -r sky_st recov < <(jq -r '[.status // "UNKNOWN", .recovery_count // 0] | map(tostring) | join("|")' <<<"$SK_REC")
+    fi
+    old=$(sk_meta "$dir" '.recovery_count // 0')
+    sk_meta_set "$dir" '.sky_status = $s | .recovery_count = ($r | tonumber) | .failure_reason = $f' \
+        --arg s "$sky_st" --arg r "$recov" --arg f "$(jq -r '.failure_reason // empty' <<<"${SK_REC:-null}")"
+    if ((recov > old)); then
+        sk_note "$dir" "managed job $jid was preempted or its cluster failed: SkyPilot recovered it (recovery $recov); the experiment restarted from the beginning"
+    fi
+    case $sky_st in
+        RUNNING | RECOVERING | WINDING_DOWN) sk_transition "$dir" running queued || true ;;
+        SUCCEEDED | CANCELLED | FAILED* | NOT_FOUND) sk_finalize "$dir" "$sky_st" ;;
+        *) ;;  # PENDING, SUBMITTED, STARTING, CANCELLING: not decided yet
+    esac
+}
+
 # sk_finalize DIR SKY_STATUS -- the job has ended on its cluster: fetch its full log (without the
 # line prefixes) and its result (the trainer's AR_RESULT_JSON line), then record succeeded (SkyPilot
 # SUCCEEDED and result status ok), cancelled or failed. Never overwrites a terminal state.
@@ -159,23 +233,41 @@ sk_finalize() {
         *) final=failed ;;
     esac
     if sk_transition "$dir" "$final" queued running; then
+        local why
+        why=$(sk_meta "$dir" '.failure_reason // empty')
         case $sky_st in
             CLUSTER_GONE) sk_note "$dir" "failed: cluster $cluster is gone (torn down, autodowned or preempted) before the job's end was seen; its result may still be on the storage under results/$(basename "$dir")/" ;;
-            NOT_FOUND) sk_note "$dir" "failed: SkyPilot job $jid is not on cluster $cluster any more" ;;
-            *) sk_note "$dir" "SkyPilot job $cluster:$jid ended $sky_st, result status '${status:-none}' -> $final" ;;
+            NOT_FOUND) sk_note "$dir" "failed: SkyPilot $(sk_handle "$dir") is not listed any more (sky queue / sky jobs queue -a)" ;;
+            *) sk_note "$dir" "SkyPilot $(sk_handle "$dir") ended $sky_st${why:+ ($why)}, result status '${status:-none}' -> $final" ;;
         esac
         [[ -n $out || $sky_st == CLUSTER_GONE || $sky_st == NOT_FOUND ]] \
-            || sk_note "$dir" "warning: could not fetch the log (sky logs $cluster $jid --no-follow)"
-        [[ $sky_st != FAILED_SETUP && $sky_st != FAILED_DRIVER ]] || sk_reap_cluster "$dir"
+            || sk_note "$dir" "warning: could not fetch the log ($(sk_log_cmd "$dir"))"
+        sk_managed "$dir" || [[ $sky_st != FAILED_SETUP && $sky_st != FAILED_DRIVER ]] || sk_reap_cluster "$dir"
+    fi
+}
+
+# sk_log_cmd DIR -- the sky command line that prints the job's whole log, as words (for messages).
+# `--tail 0`: the CLI's default is the last 1000 lines.
+sk_log_cmd() {
+    if sk_managed "$1"; then
+        echo "sky jobs logs $(sk_meta "$1" .sky_job_id) --no-follow --tail 0"
+    else
+        echo "sky logs $(sk_meta "$1" .cluster) $(sk_meta "$1" .sky_job_id) --no-follow --tail 0"
+    fi
+}
+sk_remote_log() {  # sk_remote_log DIR -- the job's log as SkyPilot has it so far (raw)
+    if sk_managed "$1"; then
+        sk_sky jobs logs "$(sk_meta "$1" .sky_job_id)" --no-follow --tail 0
+    else
+        sk_sky logs "$(sk_meta "$1" .cluster)" "$(sk_meta "$1" .sky_job_id)" --no-follow --tail 0
     fi
 }
 
 # sk_fetch_log DIR -- append the SkyPilot job's whole log (without line prefixes) to DIR/log and keep
-# its last AR_RESULT_JSON line as DIR/result.json. `--tail 0`: the CLI's default is the last 1000 lines.
+# its last AR_RESULT_JSON line as DIR/result.json.
 sk_fetch_log() {
     local dir=$1 out
-    out=$(sk_sky logs "$(sk_meta "$dir" .cluster)" "$(sk_meta "$dir" .sky_job_id)" --no-follow --tail 0 \
-        2>/dev/null) || return 1
+    out=$(sk_remote_log "$dir" 2>/dev/null) || return 1
     [[ -n $out ]] || return 0
     sk_strip <<<"$out" >>"$dir/log"
     grep -a '^AR_RESULT_JSON: ' "$dir/log" | tail -n 1 | sed 's/^AR_RESULT_JSON: //' \
@@ -230,20 +322,46 @@ sk_cancel() {
     return "$rc"
 }
 
-sk_cancel_remote() {  # `sky cancel` the job's SkyPilot job (if any), with retries; 4 if it failed
-    local dir=$1 cluster jid i out
+# sk_cancel_order DIR... -- the dirs, those whose SkyPilot job does not exist yet first: cancelling a
+# running managed job first would free a slot that a waiting supervisor could launch into.
+sk_cancel_order() {
+    local d
+    for d in "$@"; do [[ -n $(sk_meta "$d" '.sky_job_id // empty') ]] || printf '%s\n' "$d"; done
+    for d in "$@"; do [[ -z $(sk_meta "$d" '.sky_job_id // empty') ]] || printf '%s\n' "$d"; done
+}
+
+# sk_cancel_remote DIR -- cancel the job's SkyPilot job (if any) with retries: `sky cancel -y CLUSTER N`,
+# or `sky jobs cancel -y N` for a managed job (which also tears its cluster down). 4 if it failed.
+sk_cancel_remote() {
+    local dir=$1 cluster jid i out cmd
     cluster=$(sk_meta "$dir" .cluster)
     jid=$(sk_meta "$dir" '.sky_job_id // empty')
     [[ -n $jid ]] || return 0
+    if sk_managed "$dir"; then cmd=(jobs cancel -y "$jid"); else cmd=(cancel -y "$cluster" "$jid"); fi
     for i in 1 2 3; do
-        if out=$(sk_sky cancel -y "$cluster" "$jid" 2>&1); then
-            sk_note "$dir" "sky cancel -y $cluster $jid: done"
+        if out=$(sk_sky "${cmd[@]}" 2>&1); then
+            sk_note "$dir" "sky ${cmd[*]}: done"
             return 0
         fi
-        [[ -n $(sk_cluster_status "$cluster") ]] || return 0  # no cluster, no job
+        sk_managed "$dir" || [[ -n $(sk_cluster_status "$cluster") ]] || return 0  # no cluster, no job
         sleep "$i"
     done
-    sk_note "$dir" "warning: sky cancel -y $cluster $jid failed: $(sk_strip <<<"$out" | tail -n 1)"
-    ar_warn "could not cancel SkyPilot job $cluster:$jid ($(basename "$dir")); run: sky cancel -y $cluster $jid"
+    sk_note "$dir" "warning: sky ${cmd[*]} failed: $(sk_strip <<<"$out" | tail -n 1)"
+    ar_warn "could not cancel SkyPilot $(sk_handle "$dir") ($(basename "$dir")); run: sky ${cmd[*]}"
     return 4
+}
+
+# sk_managed_in_flight ROOT POOL SELF -- how many managed jobs of POOL (other than SELF) SkyPilot has
+# and has not finished (their records refreshed first). The cap SKY_MAX_CLUSTERS applies to these.
+sk_managed_in_flight() {
+    local root=$1 pool=$2 self=$3 d n=0
+    for d in "$root"/jobs/*/; do
+        d=${d%/}
+        [[ -f $d/meta.json && $(basename "$d") != "$self" ]] || continue
+        case $(sk_state "$d") in queued | running) ;; *) continue ;; esac
+        [[ $(jq -r 'select(.managed == true and .sky_job_id != null) | .pool' "$d/meta.json") == "$pool" ]] || continue
+        sk_refresh "$d"
+        case $(sk_state "$d") in queued | running) n=$((n + 1)) ;; esac
+    done
+    echo "$n"
 }

@@ -31,7 +31,7 @@ for id in "$@"; do dirs+=("$(sk_job_dir "$root" "$id")"); done
 command -v sky >/dev/null 2>&1 || ar_die 3 "'sky' not found: pip install skypilot (then run 'sky check')"
 
 rc=0
-for dir in "${dirs[@]}"; do
+while IFS= read -r dir; do
     sk_refresh "$dir"
     before=$(sk_state "$dir")
     r=0
@@ -41,5 +41,5 @@ for dir in "${dirs[@]}"; do
         1) ar_warn "$(basename "$dir"): already $(sk_state "$dir")" ;;
         *) ar_log "$(basename "$dir"): $before -> cancelled (unconfirmed)"; rc=1 ;;
     esac
-done
+done < <(sk_cancel_order "${dirs[@]}")
 exit "$rc"

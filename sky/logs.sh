@@ -5,7 +5,7 @@
 #
 # stdout: the log as it is now, without SkyPilot's `(task, pid=N) ` line prefixes: for a job that
 # ended, the copy fetched when it ended; for a running one, `sky logs CLUSTER N --no-follow --tail 0`
-# (never follows). Empty while the job is queued. The SkyPilot job is named in the first [ar-sky] line.
+# (a managed job: `sky jobs logs N --no-follow --tail 0`; never follows). Empty while the job is queued. The SkyPilot job is named in the first [ar-sky] line.
 # Exit: 0, 2 usage error or unknown id.
 #
 # Env: AR_STATE_DIR, AR_SKY_CWD.
@@ -30,5 +30,5 @@ fi
 cat "$dir/log" 2>/dev/null || true
 jid=$(sk_meta "$dir" '.sky_job_id // empty')
 if [[ -n $jid ]] && ! ar_is_terminal "$(sk_state "$dir")"; then
-    sk_sky logs "$(sk_meta "$dir" .cluster)" "$jid" --no-follow --tail 0 2>/dev/null | sk_strip || true
+    sk_remote_log "$dir" 2>/dev/null | sk_strip || true
 fi

@@ -15,6 +15,9 @@
 # a new one (`sky launch -c NAME ... -d -y -i MIN --down --wait-for jobs`), else, all busy and the
 # cap reached, it queues on the least loaded one. The launch or exec runs in a detached supervisor,
 # so this returns in seconds; a launch failure shows up in wait-jobs.sh as a failed job.
+# With AR_SKY_MANAGED=1 the job is a SkyPilot managed job instead (`sky jobs launch -n ID ... -d -y
+# [--use-spot]`): its own cluster, spot by default, recovered by SkyPilot after a preemption; at most
+# SKY_MAX_CLUSTERS of a pool's managed jobs are in flight at once (the rest wait in their supervisor).
 # Exit: 0 submitted, 2 usage/precondition error, 3 backend unavailable (sky, jq, flock missing, or
 #       `sky status` failing: run `sky check` / `sky api status`).
 #
@@ -25,7 +28,10 @@
 #      AR_SKY_BUCKET / AR_SKY_MOUNT (the storage prepared by sky/prep.yaml and where it is mounted),
 #      AR_SKY_PYTHON (an interpreter on the cluster that already has the pinned stack; skips the
 #      install), AR_SKY_YAML (default sky/experiment.yaml), AR_SKY_CWD (directory sky runs in,
-#      default $HOME), AR_TIMEOUT_S (sets the job's hard limit), AR_STATE_DIR.
+#      default $HOME), AR_TIMEOUT_S (sets the job's hard limit), AR_STATE_DIR,
+#      AR_SKY_MANAGED (1: managed jobs; default 0: the cluster pool), AR_SKY_SPOT (managed jobs on
+#      spot GPUs: 1, the default, or 0 for on-demand), AR_SKY_RECOVERY (FAILOVER or EAGER_NEXT_REGION;
+#      default: SkyPilot's).
 # Contract: docs/contract.md
 set -euo pipefail
 
@@ -59,6 +65,16 @@ fi
 infra=${AR_SKY_INFRA:-}
 [[ -z $infra || $infra =~ ^[A-Za-z0-9][A-Za-z0-9_./*-]{0,100}$ ]] \
     || ar_die 2 "bad AR_SKY_INFRA '$infra': e.g. k8s, aws, gcp/us-central1"
+managed=${AR_SKY_MANAGED:-0} spot=${AR_SKY_SPOT:-1} recovery=${AR_SKY_RECOVERY:-}
+[[ $managed == 0 || $managed == 1 ]] || ar_die 2 "bad AR_SKY_MANAGED '$managed': 1 (managed jobs) or 0 (the cluster pool)"
+[[ $spot == 0 || $spot == 1 ]] || ar_die 2 "bad AR_SKY_SPOT '$spot': 1 (spot GPUs) or 0 (on-demand)"
+recovery=${recovery^^}
+[[ -z $recovery || $recovery == FAILOVER || $recovery == EAGER_NEXT_REGION ]] \
+    || ar_die 2 "bad AR_SKY_RECOVERY '${AR_SKY_RECOVERY:-}': FAILOVER or EAGER_NEXT_REGION"
+if [[ $managed == 0 ]]; then
+    [[ -z ${AR_SKY_SPOT:-} && -z $recovery ]] || ar_die 2 "AR_SKY_SPOT and AR_SKY_RECOVERY apply to managed jobs: set AR_SKY_MANAGED=1"
+    spot=0
+fi
 yaml=${AR_SKY_YAML:-$here/experiment.yaml}
 [[ -f $yaml ]] || ar_die 2 "task YAML '$yaml' not found (AR_SKY_YAML)"
 profile=""
@@ -89,6 +105,7 @@ for d in "$root"/jobs/*/; do
     case $(sk_state "$d") in queued | running) ;; *) continue ;; esac
     [[ -z $(sk_meta "$d" '.sky_job_id // empty') ]] || continue
     sk_alive "$d" || { sk_refresh "$d"; continue; }  # its supervisor died: -> failed
+    ! sk_managed "$d" || continue
     c=$(sk_meta "$d" .cluster)
     pending[$c]=$(( ${pending[$c]:-0} + 1 ))
     pending_ids[$c]+=" $(basename "$d") "
@@ -102,47 +119,52 @@ fi
 status_json=$(sed -n '/^\[/,$p' <<<"$status_out")
 jq -e 'type == "array"' >/dev/null 2>&1 <<<"$status_json" \
     || ar_die 3 "'sky status -o json' printed no JSON list; is this SkyPilot >= 0.10? (pip install skypilot)"
-names=() up=()
-declare -A cstat=() load=()
-for ((i = 1; i <= cap; i++)); do
-    c=$(printf '%s%02d' "$prefix" "$i")
-    names+=("$c")
-    cstat[$c]=$(jq -r --arg c "$c" '[.[] | select(.name == $c) | .status][0] // ""' <<<"$status_json")
-    load[$c]=${pending[$c]:-0}
-    [[ ${cstat[$c]} != UP ]] || up+=("$c")
-done
-if ((${#up[@]})); then  # unfinished jobs in the UP clusters' queues (ours and anyone else's)
-    if q=$(sk_sky queue -s -o json "${up[@]}" 2>/dev/null) \
-        && counts=$(sed -n '/^{/,$p' <<<"$q" \
-            | jq -r 'to_entries[] | .key as $c | .value[] | "\($c) \(.job_name)"' 2>/dev/null); then
-        while read -r c job_name; do  # a pending submission of ours that made it meanwhile counts once
-            [[ -n $c && -n ${load[$c]+set} && ${pending_ids[$c]:-} != *" $job_name "* ]] || continue
-            load[$c]=$(( ${load[$c]} + 1 ))
-        done <<<"$counts"
-    else  # no queue: count our own unfinished jobs there
-        for d in "$root"/jobs/*/; do
-            d=${d%/}
-            [[ -f $d/meta.json ]] || continue
-            case $(sk_state "$d") in queued | running) ;; *) continue ;; esac
-            c=$(sk_meta "$d" .cluster)
-            [[ ${cstat[$c]:-} != UP || -z $(sk_meta "$d" '.sky_job_id // empty') ]] || load[$c]=$(( ${load[$c]} + 1 ))
+cluster="" how=""
+if [[ $managed == 1 ]]; then
+    how="managed job ($([[ $spot == 1 ]] && echo spot || echo on-demand), recovery ${recovery:-default}; at most $cap in flight)"
+else
+    names=() up=()
+    declare -A cstat=() load=()
+    for ((i = 1; i <= cap; i++)); do
+        c=$(printf '%s%02d' "$prefix" "$i")
+        names+=("$c")
+        cstat[$c]=$(jq -r --arg c "$c" '[.[] | select(.name == $c) | .status][0] // ""' <<<"$status_json")
+        load[$c]=${pending[$c]:-0}
+        [[ ${cstat[$c]} != UP ]] || up+=("$c")
+    done
+    if ((${#up[@]})); then  # unfinished jobs in the UP clusters' queues (ours and anyone else's)
+        if q=$(sk_sky queue -s -o json "${up[@]}" 2>/dev/null) \
+            && counts=$(sed -n '/^{/,$p' <<<"$q" \
+                | jq -r 'to_entries[] | .key as $c | .value[] | "\($c) \(.job_name)"' 2>/dev/null); then
+            while read -r c job_name; do  # a pending submission of ours that made it meanwhile counts once
+                [[ -n $c && -n ${load[$c]+set} && ${pending_ids[$c]:-} != *" $job_name "* ]] || continue
+                load[$c]=$(( ${load[$c]} + 1 ))
+            done <<<"$counts"
+        else  # no queue: count our own unfinished jobs there
+            for d in "$root"/jobs/*/; do
+                d=${d%/}
+                [[ -f $d/meta.json ]] || continue
+                case $(sk_state "$d") in queued | running) ;; *) continue ;; esac
+                ! sk_managed "$d" || continue
+                c=$(sk_meta "$d" .cluster)
+                [[ ${cstat[$c]:-} != UP || -z $(sk_meta "$d" '.sky_job_id // empty') ]] || load[$c]=$(( ${load[$c]} + 1 ))
+            done
+        fi
+    fi
+    for c in "${names[@]}"; do
+        [[ ${cstat[$c]} == UP && ${load[$c]} -eq 0 ]] && { cluster=$c how="idle cluster (sky exec)"; break; }
+    done
+    if [[ -z $cluster ]]; then
+        for c in "${names[@]}"; do
+            [[ ${load[$c]} -eq 0 ]] && { cluster=$c how="new cluster (sky launch)"; break; }
         done
     fi
-fi
-cluster="" how=""
-for c in "${names[@]}"; do
-    [[ ${cstat[$c]} == UP && ${load[$c]} -eq 0 ]] && { cluster=$c how="idle cluster (sky exec)"; break; }
-done
-if [[ -z $cluster ]]; then
-    for c in "${names[@]}"; do
-        [[ ${load[$c]} -eq 0 ]] && { cluster=$c how="new cluster (sky launch)"; break; }
-    done
-fi
-if [[ -z $cluster ]]; then
-    for c in "${names[@]}"; do
-        [[ -n $cluster && ${load[$c]} -ge ${load[$cluster]} ]] || cluster=$c
-    done
-    how="all $cap cluster(s) busy (SKY_MAX_CLUSTERS): queued behind ${load[$cluster]} job(s)"
+    if [[ -z $cluster ]]; then
+        for c in "${names[@]}"; do
+            [[ -n $cluster && ${load[$c]} -ge ${load[$cluster]} ]] || cluster=$c
+        done
+        how="all $cap cluster(s) busy (SKY_MAX_CLUSTERS): queued behind ${load[$cluster]} job(s)"
+    fi
 fi
 
 # ---- the record: snapshot of the commit, meta.json, state; then the detached supervisor ------------
@@ -164,12 +186,15 @@ forward=$(jq -n '$ARGS.named | with_entries(select(.value != ""))' --arg AR_SKY_
 jq -n '{backend: "sky", id: $id, name: $name, tag: $tag, commit: $commit, commit_short: $commit[:7],
         env: $env, forward: $forward, cluster: $cluster, placement: $how, gpu: $gpu, gpus: $gpus,
         infra: $infra, idle_minutes: $idle, train_py_sha256: $train, setup_key: $key,
+        managed: ($managed == "1"), spot: ($spot == "1"), recovery: $recovery, pool: $pool,
+        max_in_flight: $cap,
         max_runtime_s: $maxrt, repo: $repo, state: "queued", submitted_at: $now, started_at: null,
         finished_at: null, mode: null, sky_job_id: null, sky_status: null}' \
     --arg id "$id" --arg name "$name" --arg tag "$tag" --arg commit "$sha" --argjson env "$env_json" \
     --argjson forward "$forward" --arg cluster "$cluster" --arg how "$how" --arg gpu "$gpu" \
     --arg gpus "$gpus" --arg infra "$infra" --argjson idle "$idle" --arg train "$train_sha" \
     --arg key "$setup_key" --argjson maxrt "$max_runtime" --arg repo "$repo" --arg now "$(ar_now)" \
+    --arg managed "$managed" --arg spot "$spot" --arg recovery "$recovery" --arg pool "$prefix" --argjson cap "$cap" \
     | ar_write "$tmp/meta.json"
 echo queued | ar_write "$tmp/state"
 : >"$tmp/log"
@@ -183,5 +208,5 @@ job=$root/jobs/$id
 echo "$id" | ar_write "$root/names/$name"
 setsid bash "$job/bin/_sky-job.sh" "$job" </dev/null >/dev/null 2>>"$job/supervisor.log" 9>&- &
 exec 8>&-
-ar_warn "$id: submitted ${sha:0:7}${AR_RES_PAIRS[*]:+ with ${AR_RES_PAIRS[*]}} to $cluster ($how)"
+ar_warn "$id: submitted ${sha:0:7}${AR_RES_PAIRS[*]:+ with ${AR_RES_PAIRS[*]}} to ${cluster:-SkyPilot} ($how)"
 echo "$id"

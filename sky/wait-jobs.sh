@@ -6,6 +6,8 @@
 # Polls `sky logs CLUSTER N --status` (exit 0 succeeded, 100 failed, 101 not finished, 102 not
 # found, 103 cancelled; never follows a log), and once a job has ended fetches its whole log with
 # `sky logs CLUSTER N --no-follow --tail 0`, without SkyPilot's `(task, pid=N) ` line prefixes.
+# Managed jobs (AR_SKY_MANAGED=1): one `sky jobs queue -o json` per poll for all of them, and
+# `sky jobs logs N --no-follow --tail 0`; RECOVERING (preempted) counts as running.
 # stdout, per job, when it ends: `=== ID (STATE) ===` (succeeded|failed|timeout|cancelled), then the
 # trainer's summary verbatim (`---` through `AR_RESULT_JSON: {...}`; rebuilt from result.json if the
 # log lacks it), or the last 25 log lines when the job did not succeed.
@@ -17,7 +19,8 @@
 #       130/143 interrupted (after cancelling).
 #
 # Env: AR_TIMEOUT_S  seconds before the rest is cancelled; default (3 x the profile's budget + 600)
-#                    x the most jobs queued on one cluster; profile budgets: full 300, tiny 20,
+#                    x the most jobs queued on one cluster (managed jobs: x ceil(jobs / SKY_MAX_CLUSTERS),
+#                    + 900 for provisioning and recoveries); profile budgets: full 300, tiny 20,
 #                    smoke 5 (unset profile: full).
 #      AR_STATE_DIR, AR_SKY_POLL_S (seconds between polls, default 10), AR_SKY_CWD.
 # Contract: docs/contract.md
@@ -46,19 +49,24 @@ for id in "$@"; do
 done
 command -v sky >/dev/null 2>&1 || ar_die 3 "'sky' not found: pip install skypilot (then run 'sky check')"
 
-# Default deadline: the longest profile among the unfinished jobs, times the longest cluster queue.
-budget=0 waves=1
-declare -A per_cluster=()
+# Default deadline: the longest profile among the unfinished jobs, times the longest cluster queue
+# (managed jobs: the waves their pool's cap makes, plus time to provision and recover).
+budget=0 waves=1 extra=0
+declare -A per_key=()
 for dir in "${dirs[@]}"; do
     ar_is_terminal "$(sk_state "$dir")" && continue
-    IFS='|' read -r profile cluster < <(sk_meta "$dir" '[.env.AR_PROFILE // "", .cluster] | join("|")')
+    IFS='|' read -r profile key cap < <(sk_meta "$dir" \
+        '[.env.AR_PROFILE // "", (if .managed then "managed:" + .pool else .cluster end), (if .managed then .max_in_flight else 1 end)]
+         | map(tostring) | join("|")')
     b=$(ar_profile_budget "$profile")
     ((b > budget)) && budget=$b
-    per_cluster[$cluster]=$(( ${per_cluster[$cluster]:-0} + 1 ))
-    ((per_cluster[$cluster] > waves)) && waves=${per_cluster[$cluster]}
+    [[ $key != managed:* ]] || extra=900
+    per_key[$key]=$(( ${per_key[$key]:-0} + 1 ))
+    w=$(( (per_key[$key] + cap - 1) / cap ))
+    ((w > waves)) && waves=$w
 done
 ((budget > 0)) || budget=300
-timeout=$(ar_timeout_s $(( (3 * budget + 600) * waves )))
+timeout=$(ar_timeout_s $(( (3 * budget + 600) * waves + extra )))
 ar_log "waiting for ${#ids[@]} job(s), up to ${timeout}s"
 
 deadline=$((SECONDS + timeout))
@@ -67,6 +75,7 @@ pending=("${!ids[@]}")
 failed=0 cancel_rc=0
 while :; do
     still=()
+    sk_mq_forget  # one `sky jobs queue` listing per poll serves every managed job
     for k in "${pending[@]}"; do
         id=${ids[k]} dir=${dirs[k]}
         [[ -n $signal ]] || sk_refresh "$dir"
@@ -92,11 +101,13 @@ while :; do
     fi
     if [[ -n $reason ]]; then
         ar_log "$reason: cancelling ${#pending[@]} job(s)"
-        for k in "${pending[@]}"; do
+        todo=()
+        for k in "${pending[@]}"; do todo+=("${dirs[k]}"); done
+        while IFS= read -r d; do
             rc=0
-            sk_cancel "${dirs[k]}" "$to" "$reason" || rc=$?
+            sk_cancel "$d" "$to" "$reason" || rc=$?
             ((rc != 4)) || cancel_rc=1
-        done
+        done < <(sk_cancel_order "${todo[@]}")
         continue
     fi
     sleep "${AR_SKY_POLL_S:-10}" &

@@ -54,6 +54,13 @@ main()
 '''
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@test.invalid"]
 TERMINAL = ("SUCCEEDED", "FAILED", "FAILED_SETUP", "FAILED_DRIVER", "CANCELLED")
+MANAGED_TERMINAL = ("SUCCEEDED", "CANCELLED", "FAILED", "FAILED_SETUP", "FAILED_PRECHECKS", "FAILED_NO_RESOURCE",
+                    "FAILED_CONTROLLER")
+
+
+def managed_jobs(sky):
+    """The double's managed jobs by name."""
+    return {m["job_name"]: m for m in (json.loads(p.read_text()) for p in sky.fake.glob("managed/jobs/*.json"))}
 
 
 class Sky:
@@ -128,7 +135,12 @@ class Sky:
         raise AssertionError(f"{text!r} never appeared in {log}")
 
     def leftovers(self):
+        """Processes and fake jobs still running; a managed job's cancel (CANCELLING) may take a moment."""
+        t = time.time()
+        while any(m["status"] == "CANCELLING" for m in managed_jobs(self).values()) and time.time() - t < 15:
+            time.sleep(0.2)
         running = [k for k, j in self.fake_jobs().items() if j["status"] not in TERMINAL]
+        running += [f"managed:{k}" for k, m in managed_jobs(self).items() if m["status"] not in MANAGED_TERMINAL]
         return processes_under(self.state) + processes_under(self.fake) + running
 
 
@@ -397,3 +409,91 @@ def test_make_promote_passes_values_as_data():
     proc = subprocess.run(["make", "-n", "promote", "TOP=2", "GPU=H200$(touch /tmp/x)"], cwd=REPO,
                           capture_output=True, text=True, env=clean_env())
     assert 'sky/promote.py --top="$AR_SKY_PROMOTE_TOP" --gpu="$AR_SKY_PROMOTE_GPU"' in proc.stdout, proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Managed jobs (AR_SKY_MANAGED=1): `sky jobs launch`, spot, recovery, the in-flight cap
+# ---------------------------------------------------------------------------------------------
+def test_managed_jobs_spot_recovery_and_the_in_flight_cap(sky):
+    sky.env.update(AR_SKY_MANAGED="1", SKY_MAX_CLUSTERS="2")
+    a = sky.submit("--env", "AR_SLEEP_S=1.5")
+    b = sky.submit("--env", "AR_LABEL=b", "--env", "AR_SLEEP_S=1.5", env={"SKY_FAKE_PREEMPT_AFTER_S": "0.5"})
+    c = sky.submit("--env", "AR_LABEL=c")  # a third one waits in its supervisor: the cap is 2 in flight
+    proc = sky.run("wait-jobs.sh", a, b, c)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert {k: v[0] for k, v in blocks(proc.stdout).items()} == {a: "succeeded", b: "succeeded", c: "succeeded"}
+
+    launches = [call["argv"] for call in sky.calls("jobs") if call["argv"][1] == "launch"]
+    assert len(launches) == 3 and not sky.calls("launch") and not sky.calls("exec"), "no cluster pool"
+    assert sorted(argv[argv.index("-n") + 1] for argv in launches) == sorted([a, b, c])
+    for argv in launches:
+        job = argv[argv.index("-n") + 1]
+        assert {"-d", "-y", "--use-spot"} <= set(argv)
+        assert argv[argv.index("--workdir") + 1] == str(sky.state / "sky" / "jobs" / job / "src")
+        assert "--job-recovery" not in argv  # SkyPilot's default strategy
+    fake = managed_jobs(sky)
+    assert fake[c]["submitted_at"] >= min(fake[a]["end_at"], fake[b]["end_at"]), "c launched only when a slot freed"
+    assert fake[a]["resources"].endswith("[Spot]")
+
+    # b was preempted once: SkyPilot recovered it on a new cluster, it trained again from the start
+    assert fake[b]["recovery_count"] == 1 and sky.meta(b)["recovery_count"] == 1
+    log = (sky.state / "sky" / "jobs" / b / "log").read_text()
+    assert log.count("fake trainer v1") == 2 and "recovered it (recovery 1)" in log and "pid=" not in log
+    assert sky.result(b)["env"]["AR_LABEL"] == "b" and sky.result(c)["env"]["AR_LABEL"] == "c"
+    assert sky.meta(a)["mode"] == "managed" and sky.meta(a)["sky_job_id"] == str(fake[a]["job_id"])
+    assert "waiting: 2 managed job(s)" in (sky.state / "sky" / "jobs" / c / "log").read_text()
+    assert "SkyPilot managed job 3 submitted" in sky.run("logs.sh", c).stdout, "c was launched last"
+    # the jobs controller is the one cluster left: the extra VM managed jobs cost
+    assert [s["name"] for s in json.loads(sky.sky("status", "-o", "json").stdout)] == ["sky-jobs-controller-abcd1234"]
+    assert sky.submit("--env", "AR_LABEL=c") == c  # idempotent
+    assert sky.leftovers() == []
+
+
+def test_managed_on_demand_recovery_strategy_and_bad_settings(sky):
+    sky.env.update(AR_SKY_MANAGED="1", AR_SKY_SPOT="0", AR_SKY_RECOVERY="failover")
+    job = sky.submit()
+    assert sky.run("wait-jobs.sh", job).returncode == 0
+    (argv,) = [call["argv"] for call in sky.calls("jobs") if call["argv"][1] == "launch"]
+    assert "--no-use-spot" in argv and argv[argv.index("--job-recovery") + 1] == "FAILOVER"
+    for env in ({"AR_SKY_MANAGED": "yes"}, {"AR_SKY_SPOT": "maybe"}, {"AR_SKY_RECOVERY": "retry;rm -rf /"},
+                {"AR_SKY_MANAGED": "0", "AR_SKY_SPOT": "1"}):
+        proc = sky.run("submit-async.sh", "--env", "AR_LABEL=x", env=env)
+        assert proc.returncode == 2 and proc.stdout == "" and len(proc.stderr.strip().splitlines()) == 1, env
+
+
+def test_managed_cancel_while_waiting_for_a_slot_and_while_running(sky):
+    sky.env.update(AR_SKY_MANAGED="1", SKY_MAX_CLUSTERS="1")
+    a = sky.submit("--env", "AR_SLEEP_S=60")
+    b = sky.submit("--env", "AR_LABEL=b")
+    wait = subprocess.Popen([str(sky.repo / "sky" / "wait-jobs.sh"), a, b], cwd=sky.repo, env=sky.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t = time.time()
+    while "fake trainer" not in "".join(p.read_text() for p in sky.fake.glob("managed/jobs/*.log")):
+        assert time.time() - t < 60, "the first managed job never started training"
+        time.sleep(0.2)
+    wait.send_signal(signal.SIGINT)
+    out, err = wait.communicate(timeout=90)
+    assert wait.returncode == 130, err
+    assert {k: v[0] for k, v in blocks(out).items()} == {a: "cancelled", b: "cancelled"}, out + err
+    assert ["jobs", "cancel", "-y", "1"] in [call["argv"] for call in sky.calls("jobs")]
+    assert list(managed_jobs(sky)) == [a], "b was never launched"
+    assert sky.leftovers() == []
+
+
+def test_managed_late_listing_bad_json_and_no_resources(sky):
+    sky.env.update(AR_SKY_MANAGED="1")
+    late = sky.submit(env={"SKY_FAKE_LISTING_LAG_S": "2"})  # not in `sky jobs queue` for 2 s: still queued
+    proc = sky.run("wait-jobs.sh", late)
+    assert proc.returncode == 0 and blocks(proc.stdout)[late][0] == "succeeded", proc.stdout + proc.stderr
+
+    stuck = sky.submit("--env", "AR_SLEEP_S=60")
+    proc = sky.run("wait-jobs.sh", stuck, env={"SKY_FAKE_QUEUE_GARBAGE": "1", "AR_TIMEOUT_S": "3"})
+    assert blocks(proc.stdout)[stuck][0] == "timeout", "no JSON is no answer, not a failure; the deadline cancels"
+    assert ["jobs", "cancel", "-y", "2"] in [call["argv"] for call in sky.calls("jobs")]
+
+    none = sky.submit("--env", "AR_LABEL=n", env={"SKY_FAKE_FAIL_LAUNCH": "1"})
+    proc = sky.run("wait-jobs.sh", none)
+    state, text = blocks(proc.stdout)[none]
+    assert proc.returncode == 1 and state == "failed"
+    assert "FAILED_NO_RESOURCE" in text and "ResourcesUnavailable" in text
+    assert sky.leftovers() == []

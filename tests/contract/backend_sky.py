@@ -17,13 +17,15 @@ FAKE_SKY = Path(__file__).resolve().parents[1] / "fakes" / "sky"
 
 
 def unfinished_fake_jobs(fake):
+    """Cluster jobs and managed jobs the double has not finished (CANCELLING included)."""
     out = []
-    for path in sorted(fake.glob("clusters/*/jobs/*.json")):
+    for path in sorted(fake.glob("clusters/*/jobs/*.json")) + sorted(fake.glob("managed/jobs/*.json")):
         try:
             job = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if job.get("status") not in ("SUCCEEDED", "FAILED", "FAILED_SETUP", "FAILED_DRIVER", "CANCELLED"):
+        if job.get("status") not in ("SUCCEEDED", "FAILED", "FAILED_SETUP", "FAILED_DRIVER", "CANCELLED",
+                                     "FAILED_PRECHECKS", "FAILED_NO_RESOURCE", "FAILED_CONTROLLER"):
             out.append(f"{path.parent.parent.name}:{job.get('job_id')} {job.get('status')}")
     return out
 
