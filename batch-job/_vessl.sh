@@ -130,45 +130,8 @@ vs_terminate() {
 }
 
 # ---- records -------------------------------------------------------------------------------------
-vs_root() {  # the backend's state dir, for the repo $1
-    local dir=${AR_STATE_DIR:-$1/.ar}
-    [[ $dir == /* ]] || dir=$PWD/$dir
-    printf '%s/vessl\n' "$dir"
-}
-vs_state() { cat "$1/state" 2>/dev/null || echo unknown; }
-vs_meta() { jq -r "$2" "$1/meta.json"; }  # vs_meta DIR FILTER
-
-vs_job_dir() {  # vs_job_dir ROOT ID -- the record's directory; exit 2 (one line) for an unknown id
-    [[ $2 =~ $AR_ID_RE && -f $1/jobs/$2/meta.json ]] || ar_die 2 "unknown job id '$2' (not submitted from this state dir: ${1%/vessl})"
-    printf '%s/jobs/%s\n' "$1" "$2"
-}
 
 vs_note() { printf '[ar-vessl] %s %s\n' "$(ar_now)" "$2" >>"$1/notes"; }  # vs_note DIR MESSAGE
-
-vs_meta_set() {  # vs_meta_set DIR JQ_FILTER [jq args...] -- update meta.json atomically
-    local dir=$1 filter=$2 out
-    shift 2
-    out=$(jq "$@" "$filter" "$dir/meta.json") && printf '%s\n' "$out" | ar_write "$dir/meta.json"
-}
-
-# vs_transition DIR NEW FROM... -- NEW if the current state is one of FROM (under the job's lock;
-# records the time); returns 1 and changes nothing otherwise.
-vs_transition() {
-    local dir=$1 new=$2 cur fd rc=1 field
-    shift 2
-    exec {fd}>>"$dir/.lock"
-    flock "$fd"
-    cur=$(vs_state "$dir")
-    if [[ " $* " == *" $cur "* ]]; then
-        echo "$new" | ar_write "$dir/state"
-        field=finished_at
-        [[ $new != running ]] || field=started_at
-        vs_meta_set "$dir" '.[$f] = $t | .state = $s' --arg f "$field" --arg t "$(ar_now)" --arg s "$new"
-        rc=0
-    fi
-    exec {fd}>&-
-    return "$rc"
-}
 
 # vs_collect DIR -- copy the job's result.json and log into its record (log.raw). The volume copy
 # comes first (runs/<run>/ on the volume: complete, never capped); the CLI log (at most 1000 lines) and
@@ -216,15 +179,15 @@ vs_write_log() {  # the record's log: the job's own log, then our notes
 vs_settle() {
     local dir=$1 mapped=$2 native=$3 final status mode
     vs_collect "$dir"
-    mode=$(vs_meta "$dir" '.mode // "train"')
+    mode=$(ar_meta "$dir" '.mode // "train"')
     status=$(jq -r '.status // empty' "$dir/result.json" 2>/dev/null || true)
     final=$mapped
     if [[ $mapped == succeeded && $mode == train && $status != ok ]]; then
         final=failed
         vs_note "$dir" "VESSL says $native but result.json status is '${status:-missing}' -> failed"
     fi
-    if vs_transition "$dir" "$final" queued running; then
-        vs_meta_set "$dir" '.native_state = $n' --arg n "$native"
+    if ar_transition "$dir" "$final" queued running; then
+        ar_meta_set "$dir" '.native_state = $n' --arg n "$native"
         vs_note "$dir" "VESSL state $native -> $final"
         vs_write_log "$dir"
     fi
@@ -235,17 +198,17 @@ vs_settle() {
 vs_poll() {
     local dir=$1 slug mapped
     slug=$(basename "$dir")
-    VS_STATE=$(vs_state "$dir")
+    VS_STATE=$(ar_state "$dir")
     ar_is_terminal "$VS_STATE" && return 0
     vs_show "$dir" "$slug" || return 1
     mapped=$(vs_map "$VS_NATIVE")
     case $mapped in
-        running) vs_transition "$dir" running queued || true ;;
+        running) ar_transition "$dir" running queued || true ;;
         succeeded | failed | cancelled) vs_settle "$dir" "$mapped" "$VS_NATIVE" ;;
         queued) ;;
-        *) VS_ERR="unknown VESSL state '$VS_NATIVE' for $slug (treated as not ended)"; VS_STATE=$(vs_state "$dir"); return 1 ;;
+        *) VS_ERR="unknown VESSL state '$VS_NATIVE' for $slug (treated as not ended)"; VS_STATE=$(ar_state "$dir"); return 1 ;;
     esac
-    VS_STATE=$(vs_state "$dir")
+    VS_STATE=$(ar_state "$dir")
 }
 
 # vs_cancel DIR TO REASON -- terminate a job that has not ended and record TO (cancelled|timeout).
@@ -254,13 +217,13 @@ vs_poll() {
 vs_cancel() {
     local dir=$1 to=$2 reason=$3 slug
     slug=$(basename "$dir")
-    ar_is_terminal "$(vs_state "$dir")" && return 1
+    ar_is_terminal "$(ar_state "$dir")" && return 1
     if ! vs_terminate "$dir" "$slug"; then
         vs_note "$dir" "terminate FAILED ($VS_ERR); run batch-job/cancel-jobs.sh $slug or 'vesslctl job terminate $slug'"
         ar_warn "$slug: vesslctl job terminate failed: $VS_ERR (still billing? run batch-job/cancel-jobs.sh $slug)"
         return 2
     fi
-    vs_transition "$dir" "$to" queued running || return 1
+    ar_transition "$dir" "$to" queued running || return 1
     vs_note "$dir" "$to: $reason (vesslctl job terminate $slug)"
     vs_collect "$dir"
 }

@@ -23,15 +23,15 @@ AR_PROG=cancel-jobs.sh
 
 ar_parse_ids "$@"
 ar_need jq flock
-root=$(vs_root "$repo")
+root=$(ar_state_root "$repo" vessl)
 dirs=()
-for id in "$@"; do dirs+=("$(vs_job_dir "$root" "$id")"); done
+for id in "$@"; do dirs+=("$(ar_job_dir "$root" "$id" "not submitted from this state dir: ${root%/vessl}")"); done
 
 checked=0 rc=0
 for dir in "${dirs[@]}"; do
     id=$(basename "$dir")
-    if ar_is_terminal "$(vs_state "$dir")"; then
-        ar_warn "$id: already $(vs_state "$dir")"
+    if ar_is_terminal "$(ar_state "$dir")"; then
+        ar_warn "$id: already $(ar_state "$dir")"
         continue
     fi
     if ((!checked)); then
@@ -40,7 +40,7 @@ for dir in "${dirs[@]}"; do
         checked=1
     fi
     vs_poll "$dir" || ar_warn "note: $VS_ERR"
-    before=$(vs_state "$dir")
+    before=$(ar_state "$dir")
     if ar_is_terminal "$before"; then
         ar_warn "$id: already $before"
         continue
@@ -49,7 +49,7 @@ for dir in "${dirs[@]}"; do
     vs_cancel "$dir" cancelled "cancel-jobs.sh" || r=$?
     case $r in
         0) ar_log "$id: $before -> cancelled" ;;
-        1) ar_warn "$id: already $(vs_state "$dir")" ;;
+        1) ar_warn "$id: already $(ar_state "$dir")" ;;
         *) rc=1 ;;
     esac
 done

@@ -23,8 +23,9 @@ AR_PROG=logs.sh
 ar_parse_ids "$@"
 (($# == 1)) || ar_die 2 "one job id at a time (see --help)"
 ar_need jq
-dir=$(vs_job_dir "$(vs_root "$repo")" "$1")
-if ar_is_terminal "$(vs_state "$dir")" && [[ -f $dir/log ]]; then
+root=$(ar_state_root "$repo" vessl)
+dir=$(ar_job_dir "$root" "$1" "not submitted from this state dir: ${root%/vessl}")
+if ar_is_terminal "$(ar_state "$dir")" && [[ -f $dir/log ]]; then
     cat "$dir/log"
     exit 0
 fi

@@ -61,7 +61,7 @@ vs_auth_check
     || ar_warn "note: AUTORESEARCH_PREP_RESOURCE_SPEC is not set; preparing on the GPU spec $VS_SPEC (set it to a CPU spec to pay less)"
 timeout_s=$(ar_timeout_s 7200)
 
-root=$(vs_root "$repo")
+root=$(ar_state_root "$repo" vessl)
 mkdir -p "$root/jobs" "$root/names" "$root/uploads"
 exec 9>>"$root/submit.lock"
 flock -w 300 9 || ar_die 3 "another submit holds $root/submit.lock for 5 minutes; is one stuck?"
@@ -122,11 +122,11 @@ while :; do
     wait "$child" && rc=0 || rc=$?
     kill -0 "$child" 2>/dev/null || break
 done
-if [[ $(vs_state "$dir") == succeeded ]]; then
+if [[ $(ar_state "$dir") == succeeded ]]; then
     grep '^prepared: ' "$dir/log" || ar_warn "note: the job succeeded but its log has no 'prepared:' line"
     exit 0
 fi
-ar_warn "$slug: preparation $(vs_state "$dir"); the last lines of its log:"
+ar_warn "$slug: preparation $(ar_state "$dir"); the last lines of its log:"
 tail -n 25 "$dir/log" >&2 || true
 ((rc != 0)) || rc=1
 exit "$rc"

@@ -52,7 +52,7 @@ vs_config
 vs_need_cli
 vs_auth_check
 
-root=$(vs_root "$repo")
+root=$(ar_state_root "$repo" vessl)
 mkdir -p "$root/jobs" "$root/names" "$root/uploads"
 exec 9>>"$root/submit.lock"  # one submit at a time: lookup, create and record stay consistent
 flock -w 300 9 || ar_die 3 "another submit holds $root/submit.lock for 5 minutes; is one stuck?"
@@ -81,7 +81,7 @@ if [[ -f $root/names/$name ]]; then
         if ! vs_poll "$old_dir"; then
             ar_warn "note: cannot ask VESSL about $old ($VS_ERR); assuming it is still alive"
         fi
-        st=$(vs_state "$old_dir")
+        st=$(ar_state "$old_dir")
         if [[ $st == queued || $st == running || $st == succeeded ]]; then
             same_experiment "$old_dir" \
                 || ar_die 2 "name '$name' is taken by job $old ($st) for another commit or overrides; choose another --name"
@@ -131,7 +131,7 @@ while IFS=$'\t' read -r slug native tags; do
     vs_note "$root/jobs/$slug" "adopted from vesslctl job list (no record of it here)"
     echo "$slug" | ar_write "$root/names/$name"
     vs_poll "$root/jobs/$slug" || true
-    reuse "$slug" "$(vs_state "$root/jobs/$slug")"
+    reuse "$slug" "$(ar_state "$root/jobs/$slug")"
 done < <(jq -r --arg n "$name" '[.[] | select(type == "object" and .name == $n and (.slug | type) == "string")]
     | sort_by(.createdAt // .created_at // "") | reverse | .[]
     | [.slug, (.workloadState // "" | ascii_downcase), ((.tags // []) | map(tostring) | join(" "))] | @tsv' <<<"$VS_LIST")

@@ -33,10 +33,10 @@ AR_PROG=wait-jobs.sh
 
 ar_parse_ids "$@"
 ar_need jq flock
-root=$(vs_root "$repo")
+root=$(ar_state_root "$repo" vessl)
 ids=() dirs=()
 for id in "$@"; do
-    dir=$(vs_job_dir "$root" "$id")
+    dir=$(ar_job_dir "$root" "$id" "not submitted from this state dir: ${root%/vessl}")
     [[ " ${ids[*]} " == *" $id "* ]] && continue
     ids+=("$id") dirs+=("$dir")
 done
@@ -44,9 +44,9 @@ done
 # Default deadline: the longest profile among the jobs that have not ended (prep jobs: 2 hours).
 budget=0 open=0 prep=0
 for dir in "${dirs[@]}"; do
-    ar_is_terminal "$(vs_state "$dir")" && continue
+    ar_is_terminal "$(ar_state "$dir")" && continue
     open=$((open + 1))
-    IFS=$'\t' read -r profile mode < <(vs_meta "$dir" '[.env.AR_PROFILE // "", .mode // "train"] | @tsv')
+    IFS=$'\t' read -r profile mode < <(ar_meta "$dir" '[.env.AR_PROFILE // "", .mode // "train"] | @tsv')
     [[ $mode != prepare ]] || prep=1
     b=$(ar_profile_budget "$profile")
     ((b > budget)) && budget=$b
@@ -79,7 +79,7 @@ while :; do
             errors[$id]=$((${errors[$id]:-0} + 1))
             (((errors[$id] - 1) % 20 == 0)) && ar_log "$id: $VS_ERR (will retry)"
         fi
-        st=$(vs_state "$dir")
+        st=$(ar_state "$dir")
         if [[ ${seen[$id]:-} != "$st" ]]; then
             ar_log "$id: ${seen[$id]:-submitted} -> $st"
             seen[$id]=$st

@@ -6,57 +6,19 @@
 # so "nobody holds alive.lock" means "no process of this job is left" (a reboot or kill -9 included)
 # without trusting pids. State changes happen under an flock on the job's .lock.
 
-al_root() {  # the local backend's state dir, for the repo $1
-    local dir=${AR_STATE_DIR:-$1/.ar}
-    [[ $dir == /* ]] || dir=$PWD/$dir
-    printf '%s/local\n' "$dir"
-}
-al_state() { cat "$1/state" 2>/dev/null || echo unknown; }
-al_meta() { jq -r "$2" "$1/meta.json"; }  # al_meta DIR FILTER
-
-al_job_dir() {  # al_job_dir ROOT ID -- the job's directory; exit 2 (one line) for an unknown id
-    [[ $2 =~ $AR_ID_RE && -f $1/jobs/$2/meta.json ]] || ar_die 2 "unknown job id '$2'"
-    printf '%s/jobs/%s\n' "$1" "$2"
-}
-
 al_alive() {  # true while the job's supervisor or trainer is alive
     ! flock -n "$1/alive.lock" true 2>/dev/null
 }
 
 al_note() { printf '[ar-local] %s %s\n' "$(ar_now)" "$2" >>"$1/log"; }  # al_note DIR MESSAGE
 
-al_meta_set() {  # al_meta_set DIR JQ_FILTER [jq args...] -- update meta.json atomically
-    local dir=$1 filter=$2 out
-    shift 2
-    out=$(jq "$@" "$filter" "$dir/meta.json") && printf '%s\n' "$out" | ar_write "$dir/meta.json"
-}
-
-# al_transition DIR NEW FROM... -- NEW if the current state is one of FROM (atomic, under the job's
-# lock; records the time); returns 1 and changes nothing otherwise.
-al_transition() {
-    local dir=$1 new=$2 cur fd rc=1 field
-    shift 2
-    exec {fd}>>"$dir/.lock"
-    flock "$fd"
-    cur=$(al_state "$dir")
-    if [[ " $* " == *" $cur "* ]]; then
-        echo "$new" | ar_write "$dir/state"
-        field=finished_at
-        [[ $new != running ]] || field=started_at
-        al_meta_set "$dir" '.[$f] = $t | .state = $s' --arg f "$field" --arg t "$(ar_now)" --arg s "$new"
-        rc=0
-    fi
-    exec {fd}>&-
-    return "$rc"
-}
-
 # al_reap DIR -- a job that is queued or running but has no process left is marked failed.
 al_reap() {
     local dir=$1 st
-    st=$(al_state "$dir")
+    st=$(ar_state "$dir")
     [[ $st == queued || $st == running ]] || return 0
     al_alive "$dir" && return 0
-    if al_transition "$dir" failed queued running; then
+    if ar_transition "$dir" failed queued running; then
         al_note "$dir" "failed: the job's supervisor died while $st (reboot or kill?)"
     fi
 }
@@ -65,7 +27,7 @@ al_reap() {
 # SIGTERM to its process group. Returns 1 when the job was already terminal.
 al_cancel() {
     local dir=$1 to=$2 reason=$3 pgid
-    al_transition "$dir" "$to" queued running || return 1
+    ar_transition "$dir" "$to" queued running || return 1
     al_note "$dir" "$to: $reason"
     pgid=$(al_pgid "$dir") && kill -TERM -- "-$pgid" 2>/dev/null || true
 }

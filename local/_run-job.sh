@@ -31,12 +31,12 @@ trap on_signal TERM INT HUP
 echo "$$" | ar_write "$dir/pid"  # setsid made this shell the leader of the job's process group
 slots_dir=$(dirname "$(dirname "$dir")")/slots
 mkdir -p "$slots_dir"
-nslots=$(al_meta "$dir" .slots)
-mapfile -t gpus < <(al_meta "$dir" '.gpus[]')
+nslots=$(ar_meta "$dir" .slots)
+mapfile -t gpus < <(ar_meta "$dir" '.gpus[]')
 
 slot=""
 while [[ -z $slot ]]; do
-    [[ $(al_state "$dir") == queued ]] || exit 0  # cancelled while queued
+    [[ $(ar_state "$dir") == queued ]] || exit 0  # cancelled while queued
     for ((i = 0; i < nslots; i++)); do
         exec {slot_fd}>>"$slots_dir/$i.lock"
         if flock -n "$slot_fd"; then
@@ -53,8 +53,8 @@ done
 
 gpu=""
 ((${#gpus[@]} == 0)) || gpu=${gpus[slot % ${#gpus[@]}]}
-al_transition "$dir" running queued || exit 0
-al_meta_set "$dir" '.slot = $slot | .gpu = (if $gpu == "" then null else $gpu end) | .pid = $pid' \
+ar_transition "$dir" running queued || exit 0
+ar_meta_set "$dir" '.slot = $slot | .gpu = (if $gpu == "" then null else $gpu end) | .pid = $pid' \
     --argjson slot "$slot" --arg gpu "$gpu" --argjson pid "$$"
 
 # The job's environment: this one (the submitter's) without any AR_ variable, then the job's own.
@@ -63,14 +63,14 @@ while IFS= read -r var; do
 done < <(compgen -e)
 while IFS= read -r pair; do
     export "${pair%%=*}=${pair#*=}"  # a name and a value, never evaluated
-done < <(al_meta "$dir" '(.env + .forward) | to_entries[] | "\(.key)=\(.value)"')
+done < <(ar_meta "$dir" '(.env + .forward) | to_entries[] | "\(.key)=\(.value)"')
 export AR_RESULT_PATH="$dir/result.json" PYTHONUNBUFFERED=1
-threads=$(al_meta "$dir" .threads)
+threads=$(ar_meta "$dir" .threads)
 export OMP_NUM_THREADS="$threads" MKL_NUM_THREADS="$threads"
 [[ -z $gpu ]] || export CUDA_VISIBLE_DEVICES="$gpu"
-python=$(al_meta "$dir" .python)
+python=$(ar_meta "$dir" .python)
 
-al_note "$dir" "running $(al_meta "$dir" .commit) on slot $slot${gpu:+ (GPU $gpu)}, $threads thread(s)"
+al_note "$dir" "running $(ar_meta "$dir" .commit) on slot $slot${gpu:+ (GPU $gpu)}, $threads thread(s)"
 cd "$dir/src"
 "$python" trainer/train.py </dev/null >>"$dir/log" 2>&1 &
 child=$!
@@ -81,7 +81,7 @@ child=""
 status=$(jq -r '.status // empty' "$dir/result.json" 2>/dev/null || true)
 final=failed
 [[ $rc -ne 0 || $status != ok ]] || final=succeeded
-if al_transition "$dir" "$final" running; then
-    al_meta_set "$dir" '.exit_code = $rc' --argjson rc "$rc"
+if ar_transition "$dir" "$final" running; then
+    ar_meta_set "$dir" '.exit_code = $rc' --argjson rc "$rc"
     al_note "$dir" "trainer exited with code $rc, result status '${status:-none}' -> $final"
 fi

@@ -23,17 +23,17 @@ AR_PROG=cancel-jobs.sh
 
 ar_parse_ids "$@"
 ar_need jq flock
-root=$(al_root "$repo")
+root=$(ar_state_root "$repo" local)
 dirs=()
-for id in "$@"; do dirs+=("$(al_job_dir "$root" "$id")"); done
+for id in "$@"; do dirs+=("$(ar_job_dir "$root" "$id")"); done
 
 for dir in "${dirs[@]}"; do
     al_reap "$dir"
-    before=$(al_state "$dir")
+    before=$(ar_state "$dir")
     if al_cancel "$dir" cancelled "cancel-jobs.sh"; then
         ar_log "$(basename "$dir"): $before -> cancelled"
     else
-        ar_warn "$(basename "$dir"): already $(al_state "$dir")"
+        ar_warn "$(basename "$dir"): already $(ar_state "$dir")"
     fi
 done
 rc=0

@@ -20,5 +20,5 @@ AR_PROG=logs.sh
 
 ar_parse_ids "$@"
 (($# == 1)) || ar_die 2 "one job id at a time (see --help)"
-dir=$(al_job_dir "$(al_root "$repo")" "$1")
+dir=$(ar_job_dir "$(ar_state_root "$repo" local)" "$1")
 cat "$dir/log" 2>/dev/null || true

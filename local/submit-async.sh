@@ -52,7 +52,7 @@ slots=${AR_LOCAL_SLOTS:-$(( ${#gpus[@]} > 0 ? ${#gpus[@]} : cores ))}
 threads=${AR_LOCAL_THREADS:-$(( cores / slots > 1 ? cores / slots : 1 ))}
 [[ $threads =~ ^[0-9]+$ && $threads -ge 1 ]] || ar_die 2 "bad AR_LOCAL_THREADS '$threads': a positive integer"
 
-root=$(al_root "$repo")
+root=$(ar_state_root "$repo" local)
 mkdir -p "$root/jobs" "$root/names" "$root/slots"
 exec 9>>"$root/submit.lock"  # one submit at a time: the name lookup and the new id stay consistent
 flock -w 120 9 || ar_die 3 "another submit holds $root/submit.lock for 2 minutes; is one stuck?"
@@ -61,7 +61,7 @@ env_json=$(jq -n '$ARGS.positional | map(index("=") as $i | {(.[:$i]): .[$i + 1:
     --args "${AR_RES_PAIRS[@]}")
 
 # Idempotency: the latest job of this name, unless it failed, timed out or was cancelled.
-ar_reuse_job "$root" "$name" "$sha" "$env_json" al_reap al_state  # prints the id and exits when reusing
+ar_reuse_job "$root" "$name" "$sha" "$env_json" al_reap ar_state  # prints the id and exits when reusing
 id=$AR_NEW_ID
 
 # Build the job directory under a temporary name, then rename it into place.

@@ -33,10 +33,10 @@ trap 'signal=TERM' TERM
 
 ar_parse_ids "$@"
 ar_need jq flock
-root=$(al_root "$repo")
+root=$(ar_state_root "$repo" local)
 ids=() dirs=()
 for id in "$@"; do
-    dir=$(al_job_dir "$root" "$id")
+    dir=$(ar_job_dir "$root" "$id")
     [[ " ${ids[*]} " == *" $id "* ]] && continue
     ids+=("$id") dirs+=("$dir")
 done
@@ -45,9 +45,9 @@ done
 budget=0 open=0 slots=""
 for dir in "${dirs[@]}"; do
     al_reap "$dir"
-    ar_is_terminal "$(al_state "$dir")" && continue
+    ar_is_terminal "$(ar_state "$dir")" && continue
     open=$((open + 1))
-    IFS='|' read -r profile ngpus s < <(al_meta "$dir" '[.env.AR_PROFILE // "", (.gpus | length), .slots] | join("|")')
+    IFS='|' read -r profile ngpus s < <(ar_meta "$dir" '[.env.AR_PROFILE // "", (.gpus | length), .slots] | join("|")')
     [[ -n $profile ]] || { ((ngpus > 0)) && profile=full || profile=tiny; }
     b=$(ar_profile_budget "$profile")
     ((b > budget)) && budget=$b
@@ -66,7 +66,7 @@ while :; do
     for k in "${pending[@]}"; do
         id=${ids[k]} dir=${dirs[k]}
         al_reap "$dir"
-        st=$(al_state "$dir")
+        st=$(ar_state "$dir")
         if [[ ${seen[$id]:-} != "$st" ]]; then
             ar_log "$id: ${seen[$id]:-submitted} -> $st"
             seen[$id]=$st

@@ -37,6 +37,46 @@ ar_need() {  # ar_need CMD... -- exit 3 naming what to install
 }
 ar_is_terminal() { [[ $AR_TERMINAL_STATES == *" $1 "* ]]; }
 
+# ---- job records ---------------------------------------------------------------------------------
+# A backend keeps one directory per job, ROOT/jobs/<id>/, with meta.json, state (one word: queued,
+# running, succeeded, failed, timeout, cancelled) and .lock, under which the state changes.
+ar_state_root() {  # ar_state_root REPO BACKEND -- ${AR_STATE_DIR:-REPO/.ar}/BACKEND, absolute
+    local dir=${AR_STATE_DIR:-$1/.ar}
+    [[ $dir == /* ]] || dir=$PWD/$dir
+    printf '%s/%s\n' "$dir" "$2"
+}
+ar_state() { cat "$1/state" 2>/dev/null || echo unknown; }  # ar_state DIR
+ar_meta() { jq -r "$2" "$1/meta.json"; }  # ar_meta DIR FILTER
+ar_job_dir() {  # ar_job_dir ROOT ID [HINT] -- the job's directory; exit 2 (one line) for an unknown id
+    [[ $2 =~ $AR_ID_RE && -f $1/jobs/$2/meta.json ]] || ar_die 2 "unknown job id '$2'${3:+ ($3)}"
+    printf '%s/jobs/%s\n' "$1" "$2"
+}
+ar_meta_set() {  # ar_meta_set DIR JQ_FILTER [jq args...] -- update meta.json atomically
+    local dir=$1 filter=$2 out
+    shift 2
+    out=$(jq "$@" "$filter" "$dir/meta.json") && printf '%s\n' "$out" | ar_write "$dir/meta.json"
+}
+# ar_transition DIR NEW FROM... -- NEW if the current state is one of FROM (atomic, under the job's
+# lock; stamps started_at for running, finished_at otherwise, once); returns 1 and changes nothing
+# otherwise.
+ar_transition() {
+    local dir=$1 new=$2 cur fd rc=1 field
+    shift 2
+    exec {fd}>>"$dir/.lock"
+    flock "$fd"
+    cur=$(ar_state "$dir")
+    if [[ " $* " == *" $cur "* ]]; then
+        echo "$new" | ar_write "$dir/state"
+        field=finished_at
+        [[ $new != running ]] || field=started_at
+        # shellcheck disable=SC2016  # a jq program
+        ar_meta_set "$dir" '.[$f] = (.[$f] // $t) | .state = $s' --arg f "$field" --arg t "$(ar_now)" --arg s "$new"
+        rc=0
+    fi
+    exec {fd}>&-
+    return "$rc"
+}
+
 # ---- arguments -----------------------------------------------------------------------------------
 # ar_reuse_job ROOT NAME SHA ENV_JSON REFRESH STATE -- the idempotent half of a submit, for a backend that
 # keeps ROOT/names/<name> (the latest id of a name) and ROOT/jobs/<id>/meta.json (.commit, .env). REFRESH and

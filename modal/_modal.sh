@@ -4,18 +4,6 @@
 # The job records live under ${AR_STATE_DIR:-<repo>/.ar}/modal/ (see modal/README.md); everything that
 # talks to Modal is in ar_modal.py, run with the interpreter that has the `modal` package.
 
-am_root() {  # the Modal backend's state dir, for the repo $1
-    local dir=${AR_STATE_DIR:-$1/.ar}
-    [[ $dir == /* ]] || dir=$PWD/$dir
-    printf '%s/modal\n' "$dir"
-}
-am_state() { cat "$1/state" 2>/dev/null || echo unknown; }
-
-am_job_dir() {  # am_job_dir ROOT ID -- the job's record; exit 2 (one line) for an unknown id
-    [[ $2 =~ $AR_ID_RE && -f $1/jobs/$2/meta.json ]] || ar_die 2 "unknown job id '$2'"
-    printf '%s/jobs/%s\n' "$1" "$2"
-}
-
 # am_python REPO -- the interpreter for ar_modal.py: $AR_MODAL_PYTHON, else <repo>/.venv/bin/python,
 # else python3 on PATH; exit 3 when there is none.
 am_python() {

@@ -23,8 +23,8 @@ source "$here/_modal.sh"
 AR_PROG=cancel-jobs.sh
 
 ar_parse_ids "$@"
-root=$(am_root "$repo")
-for id in "$@"; do am_job_dir "$root" "$id" >/dev/null; done
+root=$(ar_state_root "$repo" modal)
+for id in "$@"; do ar_job_dir "$root" "$id" >/dev/null; done
 python=$(am_python "$repo")
 rc=0
 am_client "$python" cancel --to cancelled --reason "cancel-jobs.sh" "$@" || rc=$?

@@ -22,8 +22,8 @@ AR_PROG=logs.sh
 
 ar_parse_ids "$@"
 (($# == 1)) || ar_die 2 "one job id at a time (see --help)"
-dir=$(am_job_dir "$(am_root "$repo")" "$1")
-if ar_is_terminal "$(am_state "$dir")"; then
+dir=$(ar_job_dir "$(ar_state_root "$repo" modal)" "$1")
+if ar_is_terminal "$(ar_state "$dir")"; then
     cat "$dir/log" 2>/dev/null || true
     exit 0
 fi

@@ -34,10 +34,10 @@ trap 'signal=TERM' TERM
 
 ar_parse_ids "$@"
 ar_need jq
-root=$(am_root "$repo")
+root=$(ar_state_root "$repo" modal)
 ids=() dirs=()
 for id in "$@"; do
-    dir=$(am_job_dir "$root" "$id")
+    dir=$(ar_job_dir "$root" "$id")
     [[ " ${ids[*]} " == *" $id "* ]] && continue
     ids+=("$id") dirs+=("$dir")
 done
@@ -48,7 +48,7 @@ python=$(am_python "$repo")
 open_ids() {  # the ids whose record is not terminal yet
     local k
     for k in "${!ids[@]}"; do
-        ar_is_terminal "$(am_state "${dirs[k]}")" || printf '%s\n' "${ids[k]}"
+        ar_is_terminal "$(ar_state "${dirs[k]}")" || printf '%s\n' "${ids[k]}"
     done
 }
 mapfile -t open < <(open_ids)
@@ -61,7 +61,7 @@ fi
 # Default deadline: the longest profile among the unfinished jobs (calls do not queue behind each other).
 budget=0
 for dir in "${dirs[@]}"; do
-    ar_is_terminal "$(am_state "$dir")" && continue
+    ar_is_terminal "$(ar_state "$dir")" && continue
     b=$(ar_profile_budget "$(jq -r '.env.AR_PROFILE // ""' "$dir/meta.json")")
     ((b > budget)) && budget=$b
 done
@@ -76,7 +76,7 @@ while :; do
     still=()
     for k in "${pending[@]}"; do
         id=${ids[k]} dir=${dirs[k]}
-        st=$(am_state "$dir")
+        st=$(ar_state "$dir")
         if [[ ${seen[$id]:-} != "$st" ]]; then
             ar_log "$id: ${seen[$id]:-submitted} -> $st"
             seen[$id]=$st

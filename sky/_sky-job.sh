@@ -28,8 +28,8 @@ source "$here/_lib.sh"
 source "$here/_sky.sh"
 AR_PROG=ar-sky
 
-id=$(sk_meta "$dir" .id)
-cluster=$(sk_meta "$dir" .cluster)
+id=$(ar_meta "$dir" .id)
+cluster=$(ar_meta "$dir" .cluster)
 root=$(dirname "$(dirname "$dir")")
 cdir=$root/clusters/$cluster
 child=""
@@ -37,7 +37,7 @@ mode=""       # managed once this is a managed job
 launching=0   # 1 from the moment `sky jobs launch` may have created the job
 
 record_job() {  # record_job N MODE
-    sk_meta_set "$dir" '.sky_job_id = $j | .mode = $m | .launched_epoch = ($t | tonumber)' --arg j "$1" --arg m "$2" \
+    ar_meta_set "$dir" '.sky_job_id = $j | .mode = $m | .launched_epoch = ($t | tonumber)' --arg j "$1" --arg m "$2" \
         --arg t "$(date +%s)"
 }
 
@@ -48,7 +48,7 @@ on_signal() {
         wait "$child" 2>/dev/null || true
     fi
     local jid
-    jid=$(sk_meta "$dir" '.sky_job_id // empty')
+    jid=$(ar_meta "$dir" '.sky_job_id // empty')
     [[ -n $jid ]] || jid=$(sk_submitted_id <"$dir/submit.log")
     if [[ $mode == managed ]]; then
         [[ -n $jid ]] || jid=$(sk_mjob_by_name "$id")
@@ -76,17 +76,17 @@ envs=()
 while IFS= read -r pair; do
     envs+=(--env "$pair")  # one argv element each: a value is never evaluated by a shell
 done < <(jq -r '(.env + .forward) | to_entries[] | "\(.key)=\(.value)"' "$dir/meta.json")
-envs+=(--env "EXPERIMENT_ID=$id" --env "AR_SKY_COMMIT=$(sk_meta "$dir" .commit)"
-    --env "AR_SKY_TRAIN_SHA256=$(sk_meta "$dir" .train_py_sha256)"
-    --env "AR_SKY_MAX_RUNTIME_S=$(sk_meta "$dir" .max_runtime_s)")
-gpus=$(sk_meta "$dir" .gpus)
-infra=$(sk_meta "$dir" .infra)
+envs+=(--env "EXPERIMENT_ID=$id" --env "AR_SKY_COMMIT=$(ar_meta "$dir" .commit)"
+    --env "AR_SKY_TRAIN_SHA256=$(ar_meta "$dir" .train_py_sha256)"
+    --env "AR_SKY_MAX_RUNTIME_S=$(ar_meta "$dir" .max_runtime_s)")
+gpus=$(ar_meta "$dir" .gpus)
+infra=$(ar_meta "$dir" .infra)
 
 # ---- a managed job: wait for a slot of the pool, then `sky jobs launch` ------------------------------
 if sk_managed "$dir"; then
     mode=managed
-    pool=$(sk_meta "$dir" .pool)
-    cap=$(sk_meta "$dir" .max_in_flight)
+    pool=$(ar_meta "$dir" .pool)
+    cap=$(ar_meta "$dir" .max_in_flight)
     exec 7>>"$root/managed-${pool%-}.lock"
     waited=""
     while :; do
@@ -94,7 +94,7 @@ if sk_managed "$dir"; then
         child=$!
         wait "$child"
         child=""
-        [[ $(sk_state "$dir") == queued ]] || exit 0  # cancelled while waiting
+        [[ $(ar_state "$dir") == queued ]] || exit 0  # cancelled while waiting
         sk_mq_forget
         n=$(sk_managed_in_flight "$root" "$pool" "$id")
         ((n >= cap)) || break
@@ -110,8 +110,8 @@ if sk_managed "$dir"; then
     done
     cmd=(jobs launch "$dir/bin/task.yaml" -n "$id" -d -y --workdir "$dir/src" ${gpus:+--gpus "$gpus"} "${envs[@]}"
         ${infra:+--infra "$infra"})
-    if [[ $(sk_meta "$dir" .spot) == true ]]; then cmd+=(--use-spot); else cmd+=(--no-use-spot); fi
-    recovery=$(sk_meta "$dir" '.recovery // empty')
+    if [[ $(ar_meta "$dir" .spot) == true ]]; then cmd+=(--use-spot); else cmd+=(--no-use-spot); fi
+    recovery=$(ar_meta "$dir" '.recovery // empty')
     [[ -z $recovery ]] || cmd+=(--job-recovery "$recovery")
     printf '%s sky %s\n' "$(ar_now)" "${cmd[*]}" >>"$dir/submit.log"
     launching=1
@@ -122,11 +122,11 @@ if sk_managed "$dir"; then
     child=""
     jid=$(sk_submitted_id <"$dir/submit.log")
     if [[ -z $jid ]]; then
-        sk_meta_set "$dir" '.mode = "managed"'
+        ar_meta_set "$dir" '.mode = "managed"'
         exit 0  # no managed job: the next sk_refresh records failed with this output (exit $rc)
     fi
     record_job "$jid" managed
-    sk_note "$dir" "SkyPilot managed job $jid submitted ($(sk_meta "$dir" .placement))"
+    sk_note "$dir" "SkyPilot managed job $jid submitted ($(ar_meta "$dir" .placement))"
     exit 0
 fi
 
@@ -138,7 +138,7 @@ child=$!
 wait "$child"
 child=""
 flock -n 7 || ar_die 1 "could not take $cdir/lock"
-[[ $(sk_state "$dir") == queued ]] || exit 0  # cancelled while waiting for the cluster
+[[ $(ar_state "$dir") == queued ]] || exit 0  # cancelled while waiting for the cluster
 
 # The cluster's workdir: this job's snapshot plus those of its jobs that have not ended.
 for d in "$cdir"/workdir/jobs/*/; do
@@ -146,13 +146,13 @@ for d in "$cdir"/workdir/jobs/*/; do
     [[ -d $d ]] || continue
     other=$(basename "$d")
     [[ $other != "$id" ]] || continue
-    case $(sk_state "$root/jobs/$other") in queued | running) ;; *) rm -rf "$d" ;; esac
+    case $(ar_state "$root/jobs/$other") in queued | running) ;; *) rm -rf "$d" ;; esac
 done
 rm -rf "$cdir/workdir/jobs/$id" "$cdir/workdir/jobs/.tmp-$id"
 cp -a "$dir/src" "$cdir/workdir/jobs/.tmp-$id"
 mv "$cdir/workdir/jobs/.tmp-$id" "$cdir/workdir/jobs/$id"
 
-key=$(sk_meta "$dir" .setup_key)
+key=$(ar_meta "$dir" .setup_key)
 common=("$dir/bin/task.yaml" -d -n "$id" --workdir "$cdir/workdir" ${gpus:+--gpus "$gpus"} "${envs[@]}")
 
 status=$(sk_cluster_status "$cluster" || true)
@@ -164,7 +164,7 @@ for attempt in 1 2; do
     if [[ $mode == exec ]]; then
         cmd=(exec "$cluster" "${common[@]}")
     else
-        cmd=(launch -c "$cluster" "${common[@]}" -y -i "$(sk_meta "$dir" .idle_minutes)" --down
+        cmd=(launch -c "$cluster" "${common[@]}" -y -i "$(ar_meta "$dir" .idle_minutes)" --down
             --wait-for jobs ${infra:+--infra "$infra"})
     fi
     printf '%s sky %s\n' "$(ar_now)" "${cmd[*]}" >>"$dir/submit.log"
@@ -182,9 +182,9 @@ for attempt in 1 2; do
 done
 
 if [[ -z $jid ]]; then
-    sk_meta_set "$dir" '.mode = $m' --arg m "$mode"
+    ar_meta_set "$dir" '.mode = $m' --arg m "$mode"
     exit 0  # no SkyPilot job: the next sk_refresh (the lock is free now) records failed with this output
 fi
 record_job "$jid" "$mode"
 [[ $mode != launch ]] || echo "$key" | ar_write "$cdir/setup_key"
-sk_note "$dir" "SkyPilot job $cluster:$jid submitted (sky $mode; $(sk_meta "$dir" .placement))"
+sk_note "$dir" "SkyPilot job $cluster:$jid submitted (sky $mode; $(ar_meta "$dir" .placement))"

@@ -7,57 +7,19 @@
 # `sky jobs launch`) holds an flock on alive.lock; afterwards the job lives on SkyPilot's side:
 #   pool mode (default)       on its cluster; `sky logs CLUSTER N --status` says how it is doing
 #   managed mode              a managed job (AR_SKY_MANAGED=1); `sky jobs queue -o json` says
-# State changes happen under an flock on the job's .lock.
-
-sk_root() {  # the sky backend's state dir, for the repo $1
-    local dir=${AR_STATE_DIR:-$1/.ar}
-    [[ $dir == /* ]] || dir=$PWD/$dir
-    printf '%s/sky\n' "$dir"
-}
-sk_state() { cat "$1/state" 2>/dev/null || echo unknown; }
-sk_meta() { jq -r "$2" "$1/meta.json"; }  # sk_meta DIR FILTER
-
-sk_job_dir() {  # sk_job_dir ROOT ID -- the job's directory; exit 2 (one line) for an unknown id
-    [[ $2 =~ $AR_ID_RE && -f $1/jobs/$2/meta.json ]] || ar_die 2 "unknown job id '$2'"
-    printf '%s/jobs/%s\n' "$1" "$2"
-}
+# Records (meta.json, state, .lock): the ar_* helpers of _lib.sh.
 
 sk_alive() { ! flock -n "$1/alive.lock" true 2>/dev/null; }  # true while the supervisor lives
 sk_managed() { [[ $(jq -r '.managed // false' "$1/meta.json") == true ]]; }  # a managed job (sky jobs)?
 sk_handle() {  # how SkyPilot knows the job: `managed job N` or `CLUSTER:N`
     if sk_managed "$1"; then
-        printf 'managed job %s\n' "$(sk_meta "$1" '.sky_job_id // "?"')"
+        printf 'managed job %s\n' "$(ar_meta "$1" '.sky_job_id // "?"')"
     else
-        printf '%s:%s\n' "$(sk_meta "$1" .cluster)" "$(sk_meta "$1" '.sky_job_id // "?"')"
+        printf '%s:%s\n' "$(ar_meta "$1" .cluster)" "$(ar_meta "$1" '.sky_job_id // "?"')"
     fi
 }
 
 sk_note() { printf '[ar-sky] %s %s\n' "$(ar_now)" "$2" >>"$1/log"; }  # sk_note DIR MESSAGE
-
-sk_meta_set() {  # sk_meta_set DIR JQ_FILTER [jq args...] -- update meta.json atomically
-    local dir=$1 filter=$2 out
-    shift 2
-    out=$(jq "$@" "$filter" "$dir/meta.json") && printf '%s\n' "$out" | ar_write "$dir/meta.json"
-}
-
-# sk_transition DIR NEW FROM... -- NEW if the current state is one of FROM (atomic, under the job's
-# lock; records the time); returns 1 and changes nothing otherwise.
-sk_transition() {
-    local dir=$1 new=$2 cur fd rc=1 field
-    shift 2
-    exec {fd}>>"$dir/.lock"
-    flock "$fd"
-    cur=$(sk_state "$dir")
-    if [[ " $* " == *" $cur "* ]]; then
-        echo "$new" | ar_write "$dir/state"
-        field=finished_at
-        [[ $new != running ]] || field=started_at
-        sk_meta_set "$dir" '.[$f] = (.[$f] // $t) | .state = $s' --arg f "$field" --arg t "$(ar_now)" --arg s "$new"
-        rc=0
-    fi
-    exec {fd}>&-
-    return "$rc"
-}
 
 # ---- the sky CLI ---------------------------------------------------------------------------------
 # Every call runs from one stable directory: SkyPilot's local API server remembers the directory it
@@ -131,23 +93,23 @@ sk_mjob_by_name() {  # sk_mjob_by_name NAME -- the newest unfinished managed job
 # ended, fetch its log and result (sk_finalize).
 sk_refresh() {
     local dir=$1 st cluster jid out rc sky_st cst
-    st=$(sk_state "$dir")
+    st=$(ar_state "$dir")
     [[ $st == queued || $st == running ]] || return 0
-    jid=$(sk_meta "$dir" '.sky_job_id // empty')
-    cluster=$(sk_meta "$dir" .cluster)
+    jid=$(ar_meta "$dir" '.sky_job_id // empty')
+    cluster=$(ar_meta "$dir" .cluster)
     if [[ -z $jid ]]; then
         sk_alive "$dir" && return 0
-        jid=$(sk_meta "$dir" '.sky_job_id // empty')  # recorded just before the supervisor exited
+        jid=$(ar_meta "$dir" '.sky_job_id // empty')  # recorded just before the supervisor exited
         if [[ -z $jid ]]; then  # a supervisor killed after `sky launch` printed the id: adopt it
             jid=$(sk_submitted_id <"$dir/submit.log" 2>/dev/null || true)
-            [[ -z $jid ]] || sk_meta_set "$dir" '.sky_job_id = $j' --arg j "$jid"
+            [[ -z $jid ]] || ar_meta_set "$dir" '.sky_job_id = $j' --arg j "$jid"
         fi
         if [[ -z $jid ]]; then
-            if sk_transition "$dir" failed queued running; then
+            if ar_transition "$dir" failed queued running; then
                 if sk_managed "$dir"; then
                     sk_note "$dir" "failed: no managed job was created; output of sky jobs launch:"
                 else
-                    sk_note "$dir" "failed: no SkyPilot job was created on $cluster; output of sky $(sk_meta "$dir" '.mode // "launch"'):"
+                    sk_note "$dir" "failed: no SkyPilot job was created on $cluster; output of sky $(ar_meta "$dir" '.mode // "launch"'):"
                 fi
                 sk_strip <"$dir/submit.log" 2>/dev/null | tail -n 20 >>"$dir/log" || true
                 sk_managed "$dir" || sk_reap_cluster "$dir"
@@ -176,11 +138,11 @@ sk_refresh() {
                 sky_st=CLUSTER_GONE
             fi ;;
     esac
-    sk_meta_set "$dir" '.sky_status = $s' --arg s "$sky_st"
+    ar_meta_set "$dir" '.sky_status = $s' --arg s "$sky_st"
     case $sky_st in
         INIT | PENDING | SETTING_UP) return 0 ;;
         RUNNING)
-            sk_transition "$dir" running queued || true
+            ar_transition "$dir" running queued || true
             return 0 ;;
     esac
     sk_finalize "$dir" "$sky_st"
@@ -193,20 +155,20 @@ sk_refresh_managed() {
     local dir=$1 jid=$2 sky_st recov old since
     sk_mjob "$jid" || return 0  # no answer: ask again later
     if [[ -z $SK_REC ]]; then
-        since=$(sk_meta "$dir" '.launched_epoch // 0')
+        since=$(ar_meta "$dir" '.launched_epoch // 0')
         (( $(date +%s) - since >= ${AR_SKY_LISTING_GRACE_S:-120} )) || return 0
         sky_st=NOT_FOUND recov=0
     else
         IFS='|' read -r sky_st recov < <(jq -r '[.status // "UNKNOWN", .recovery_count // 0] | map(tostring) | join("|")' <<<"$SK_REC")
     fi
-    old=$(sk_meta "$dir" '.recovery_count // 0')
-    sk_meta_set "$dir" '.sky_status = $s | .recovery_count = ($r | tonumber) | .failure_reason = $f' \
+    old=$(ar_meta "$dir" '.recovery_count // 0')
+    ar_meta_set "$dir" '.sky_status = $s | .recovery_count = ($r | tonumber) | .failure_reason = $f' \
         --arg s "$sky_st" --arg r "$recov" --arg f "$(jq -r '.failure_reason // empty' <<<"${SK_REC:-null}")"
     if ((recov > old)); then
         sk_note "$dir" "managed job $jid was preempted or its cluster failed: SkyPilot recovered it (recovery $recov); the experiment restarted from the beginning"
     fi
     case $sky_st in
-        RUNNING | RECOVERING | WINDING_DOWN) sk_transition "$dir" running queued || true ;;
+        RUNNING | RECOVERING | WINDING_DOWN) ar_transition "$dir" running queued || true ;;
         SUCCEEDED | CANCELLED | FAILED* | NOT_FOUND) sk_finalize "$dir" "$sky_st" ;;
         *) ;;  # PENDING, SUBMITTED, STARTING, CANCELLING: not decided yet
     esac
@@ -217,8 +179,8 @@ sk_refresh_managed() {
 # SUCCEEDED and result status ok), cancelled or failed. Never overwrites a terminal state.
 sk_finalize() {
     local dir=$1 sky_st=$2 cluster jid out final status i
-    cluster=$(sk_meta "$dir" .cluster)
-    jid=$(sk_meta "$dir" .sky_job_id)
+    cluster=$(ar_meta "$dir" .cluster)
+    jid=$(ar_meta "$dir" .sky_job_id)
     out=""
     if [[ $sky_st != CLUSTER_GONE && $sky_st != NOT_FOUND ]]; then
         for i in 1 2 3; do
@@ -232,9 +194,9 @@ sk_finalize() {
         CANCELLED) final=cancelled ;;
         *) final=failed ;;
     esac
-    if sk_transition "$dir" "$final" queued running; then
+    if ar_transition "$dir" "$final" queued running; then
         local why
-        why=$(sk_meta "$dir" '.failure_reason // empty')
+        why=$(ar_meta "$dir" '.failure_reason // empty')
         case $sky_st in
             CLUSTER_GONE) sk_note "$dir" "failed: cluster $cluster is gone (torn down, autodowned or preempted) before the job's end was seen; its result may still be on the storage under results/$(basename "$dir")/" ;;
             NOT_FOUND) sk_note "$dir" "failed: SkyPilot $(sk_handle "$dir") is not listed any more (sky queue / sky jobs queue -a)" ;;
@@ -250,16 +212,16 @@ sk_finalize() {
 # `--tail 0`: the CLI's default is the last 1000 lines.
 sk_log_cmd() {
     if sk_managed "$1"; then
-        echo "sky jobs logs $(sk_meta "$1" .sky_job_id) --no-follow --tail 0"
+        echo "sky jobs logs $(ar_meta "$1" .sky_job_id) --no-follow --tail 0"
     else
-        echo "sky logs $(sk_meta "$1" .cluster) $(sk_meta "$1" .sky_job_id) --no-follow --tail 0"
+        echo "sky logs $(ar_meta "$1" .cluster) $(ar_meta "$1" .sky_job_id) --no-follow --tail 0"
     fi
 }
 sk_remote_log() {  # sk_remote_log DIR -- the job's log as SkyPilot has it so far (raw)
     if sk_managed "$1"; then
-        sk_sky jobs logs "$(sk_meta "$1" .sky_job_id)" --no-follow --tail 0
+        sk_sky jobs logs "$(ar_meta "$1" .sky_job_id)" --no-follow --tail 0
     else
-        sk_sky logs "$(sk_meta "$1" .cluster)" "$(sk_meta "$1" .sky_job_id)" --no-follow --tail 0
+        sk_sky logs "$(ar_meta "$1" .cluster)" "$(ar_meta "$1" .sky_job_id)" --no-follow --tail 0
     fi
 }
 
@@ -283,13 +245,13 @@ sk_fetch_log() {
 # (no autodown): tear it down unless another job of ours still needs it.
 sk_reap_cluster() {
     local dir=$1 cluster root other
-    cluster=$(sk_meta "$dir" .cluster)
+    cluster=$(ar_meta "$dir" .cluster)
     root=$(dirname "$(dirname "$dir")")
     for other in "$root"/jobs/*/; do
         other=${other%/}
         [[ $other != "$dir" && -f $other/meta.json ]] || continue
-        case $(sk_state "$other") in queued | running) ;; *) continue ;; esac
-        [[ $(sk_meta "$other" .cluster) != "$cluster" ]] || return 0
+        case $(ar_state "$other") in queued | running) ;; *) continue ;; esac
+        [[ $(ar_meta "$other" .cluster) != "$cluster" ]] || return 0
     done
     [[ -n $(sk_cluster_status "$cluster") ]] || return 0
     sk_note "$dir" "tearing down $cluster (SkyPilot keeps a cluster whose setup failed): sky down -y $cluster"
@@ -303,9 +265,9 @@ sk_reap_cluster() {
 # cancel could not be confirmed.
 sk_cancel() {
     local dir=$1 to=$2 reason=$3 pgid i
-    sk_transition "$dir" "$to" queued running || return 1
+    ar_transition "$dir" "$to" queued running || return 1
     sk_note "$dir" "$to: $reason"
-    if [[ -z $(sk_meta "$dir" '.sky_job_id // empty') ]] && sk_alive "$dir"; then
+    if [[ -z $(ar_meta "$dir" '.sky_job_id // empty') ]] && sk_alive "$dir"; then
         pgid=$(cat "$dir/pid" 2>/dev/null || true)
         [[ ! $pgid =~ ^[0-9]+$ || $pgid -le 1 ]] || kill -TERM -- "-$pgid" 2>/dev/null || true
         for ((i = 0; i < ${AR_SKY_KILL_GRACE_S:-30} * 10; i++)); do
@@ -318,7 +280,7 @@ sk_cancel() {
     fi
     local rc=0
     sk_cancel_remote "$dir" || rc=$?
-    [[ -z $(sk_meta "$dir" '.sky_job_id // empty') ]] || sk_fetch_log "$dir" || true
+    [[ -z $(ar_meta "$dir" '.sky_job_id // empty') ]] || sk_fetch_log "$dir" || true
     return "$rc"
 }
 
@@ -326,16 +288,16 @@ sk_cancel() {
 # running managed job first would free a slot that a waiting supervisor could launch into.
 sk_cancel_order() {
     local d
-    for d in "$@"; do [[ -n $(sk_meta "$d" '.sky_job_id // empty') ]] || printf '%s\n' "$d"; done
-    for d in "$@"; do [[ -z $(sk_meta "$d" '.sky_job_id // empty') ]] || printf '%s\n' "$d"; done
+    for d in "$@"; do [[ -n $(ar_meta "$d" '.sky_job_id // empty') ]] || printf '%s\n' "$d"; done
+    for d in "$@"; do [[ -z $(ar_meta "$d" '.sky_job_id // empty') ]] || printf '%s\n' "$d"; done
 }
 
 # sk_cancel_remote DIR -- cancel the job's SkyPilot job (if any) with retries: `sky cancel -y CLUSTER N`,
 # or `sky jobs cancel -y N` for a managed job (which also tears its cluster down). 4 if it failed.
 sk_cancel_remote() {
     local dir=$1 cluster jid i out cmd
-    cluster=$(sk_meta "$dir" .cluster)
-    jid=$(sk_meta "$dir" '.sky_job_id // empty')
+    cluster=$(ar_meta "$dir" .cluster)
+    jid=$(ar_meta "$dir" '.sky_job_id // empty')
     [[ -n $jid ]] || return 0
     if sk_managed "$dir"; then cmd=(jobs cancel -y "$jid"); else cmd=(cancel -y "$cluster" "$jid"); fi
     for i in 1 2 3; do
@@ -358,10 +320,10 @@ sk_managed_in_flight() {
     for d in "$root"/jobs/*/; do
         d=${d%/}
         [[ -f $d/meta.json && $(basename "$d") != "$self" ]] || continue
-        case $(sk_state "$d") in queued | running) ;; *) continue ;; esac
+        case $(ar_state "$d") in queued | running) ;; *) continue ;; esac
         [[ $(jq -r 'select(.managed == true and .sky_job_id != null) | .pool' "$d/meta.json") == "$pool" ]] || continue
         sk_refresh "$d"
-        case $(sk_state "$d") in queued | running) n=$((n + 1)) ;; esac
+        case $(ar_state "$d") in queued | running) n=$((n + 1)) ;; esac
     done
     echo "$n"
 }

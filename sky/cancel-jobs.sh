@@ -25,20 +25,20 @@ AR_PROG=cancel-jobs.sh
 
 ar_parse_ids "$@"
 ar_need jq flock timeout
-root=$(sk_root "$repo")
+root=$(ar_state_root "$repo" sky)
 dirs=()
-for id in "$@"; do dirs+=("$(sk_job_dir "$root" "$id")"); done
+for id in "$@"; do dirs+=("$(ar_job_dir "$root" "$id")"); done
 command -v sky >/dev/null 2>&1 || ar_die 3 "'sky' not found: pip install skypilot (then run 'sky check')"
 
 rc=0
 while IFS= read -r dir; do
     sk_refresh "$dir"
-    before=$(sk_state "$dir")
+    before=$(ar_state "$dir")
     r=0
     sk_cancel "$dir" cancelled "cancel-jobs.sh" || r=$?
     case $r in
         0) ar_log "$(basename "$dir"): $before -> cancelled" ;;
-        1) ar_warn "$(basename "$dir"): already $(sk_state "$dir")" ;;
+        1) ar_warn "$(basename "$dir"): already $(ar_state "$dir")" ;;
         *) ar_log "$(basename "$dir"): $before -> cancelled (unconfirmed)"; rc=1 ;;
     esac
 done < <(sk_cancel_order "${dirs[@]}")

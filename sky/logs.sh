@@ -23,12 +23,12 @@ AR_PROG=logs.sh
 ar_parse_ids "$@"
 (($# == 1)) || ar_die 2 "one job id at a time (see --help)"
 ar_need jq flock timeout
-dir=$(sk_job_dir "$(sk_root "$repo")" "$1")
+dir=$(ar_job_dir "$(ar_state_root "$repo" sky)" "$1")
 if command -v sky >/dev/null 2>&1; then
     sk_refresh "$dir"
 fi
 cat "$dir/log" 2>/dev/null || true
-jid=$(sk_meta "$dir" '.sky_job_id // empty')
-if [[ -n $jid ]] && ! ar_is_terminal "$(sk_state "$dir")"; then
+jid=$(ar_meta "$dir" '.sky_job_id // empty')
+if [[ -n $jid ]] && ! ar_is_terminal "$(ar_state "$dir")"; then
     sk_remote_log "$dir" 2>/dev/null | sk_strip || true
 fi

@@ -84,7 +84,7 @@ max_runtime=$(( $(ar_timeout_s $((3 * budget + 600))) + 300 ))  # the job's own 
 
 command -v sky >/dev/null 2>&1 || ar_die 3 "'sky' not found: pip install skypilot (then run 'sky check')"
 
-root=$(sk_root "$repo")
+root=$(ar_state_root "$repo" sky)
 mkdir -p "$root/jobs" "$root/names" "$root/clusters"
 exec 9>>"$root/submit.lock"  # one submit at a time: name lookup, new id and cluster choice stay consistent
 flock -w 300 9 || ar_die 3 "another submit holds $root/submit.lock for 5 minutes; is one stuck?"
@@ -93,7 +93,7 @@ env_json=$(jq -n '$ARGS.positional | map(index("=") as $i | {(.[:$i]): .[$i + 1:
     --args "${AR_RES_PAIRS[@]}")
 
 # ---- idempotency: the latest job of this name, unless it failed, timed out or was cancelled --------
-ar_reuse_job "$root" "$name" "$sha" "$env_json" sk_refresh sk_state  # prints the id and exits when reusing
+ar_reuse_job "$root" "$name" "$sha" "$env_json" sk_refresh ar_state  # prints the id and exits when reusing
 id=$AR_NEW_ID
 
 # ---- the cluster: idle UP one > new one under the cap > queue on the least loaded ------------------
@@ -102,11 +102,11 @@ declare -A pending=() pending_ids=()
 for d in "$root"/jobs/*/; do
     d=${d%/}
     [[ -f $d/meta.json ]] || continue
-    case $(sk_state "$d") in queued | running) ;; *) continue ;; esac
-    [[ -z $(sk_meta "$d" '.sky_job_id // empty') ]] || continue
+    case $(ar_state "$d") in queued | running) ;; *) continue ;; esac
+    [[ -z $(ar_meta "$d" '.sky_job_id // empty') ]] || continue
     sk_alive "$d" || { sk_refresh "$d"; continue; }  # its supervisor died: -> failed
     ! sk_managed "$d" || continue
-    c=$(sk_meta "$d" .cluster)
+    c=$(ar_meta "$d" .cluster)
     pending[$c]=$(( ${pending[$c]:-0} + 1 ))
     pending_ids[$c]+=" $(basename "$d") "
 done
@@ -144,10 +144,10 @@ else
             for d in "$root"/jobs/*/; do
                 d=${d%/}
                 [[ -f $d/meta.json ]] || continue
-                case $(sk_state "$d") in queued | running) ;; *) continue ;; esac
+                case $(ar_state "$d") in queued | running) ;; *) continue ;; esac
                 ! sk_managed "$d" || continue
-                c=$(sk_meta "$d" .cluster)
-                [[ ${cstat[$c]:-} != UP || -z $(sk_meta "$d" '.sky_job_id // empty') ]] || load[$c]=$(( ${load[$c]} + 1 ))
+                c=$(ar_meta "$d" .cluster)
+                [[ ${cstat[$c]:-} != UP || -z $(ar_meta "$d" '.sky_job_id // empty') ]] || load[$c]=$(( ${load[$c]} + 1 ))
             done
         fi
     fi

@@ -40,10 +40,10 @@ trap 'signal=TERM' TERM
 
 ar_parse_ids "$@"
 ar_need jq flock timeout
-root=$(sk_root "$repo")
+root=$(ar_state_root "$repo" sky)
 ids=() dirs=()
 for id in "$@"; do
-    dir=$(sk_job_dir "$root" "$id")
+    dir=$(ar_job_dir "$root" "$id")
     [[ " ${ids[*]} " == *" $id "* ]] && continue
     ids+=("$id") dirs+=("$dir")
 done
@@ -54,8 +54,8 @@ command -v sky >/dev/null 2>&1 || ar_die 3 "'sky' not found: pip install skypilo
 budget=0 waves=1 extra=0
 declare -A per_key=()
 for dir in "${dirs[@]}"; do
-    ar_is_terminal "$(sk_state "$dir")" && continue
-    IFS='|' read -r profile key cap < <(sk_meta "$dir" \
+    ar_is_terminal "$(ar_state "$dir")" && continue
+    IFS='|' read -r profile key cap < <(ar_meta "$dir" \
         '[.env.AR_PROFILE // "", (if .managed then "managed:" + .pool else .cluster end), (if .managed then .max_in_flight else 1 end)]
          | map(tostring) | join("|")')
     b=$(ar_profile_budget "$profile")
@@ -79,7 +79,7 @@ while :; do
     for k in "${pending[@]}"; do
         id=${ids[k]} dir=${dirs[k]}
         [[ -n $signal ]] || sk_refresh "$dir"
-        st=$(sk_state "$dir")
+        st=$(ar_state "$dir")
         if [[ ${seen[$id]:-} != "$st" ]]; then
             ar_log "$id: ${seen[$id]:-submitted} -> $st"
             seen[$id]=$st
