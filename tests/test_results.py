@@ -187,6 +187,19 @@ def test_existing_rows_kept_and_old_header_extended(tmp_path):
     assert not list(tmp_path.glob(".results.tsv.*"))  # no temp files left
 
 
+def test_relabel_round_touches_only_that_round_of_that_tag(tmp_path):
+    path = tmp_path / "results.tsv"
+    R.append_rows(path, [row(1), row(2, round=2), row(3, round=2, tag="u"), row(4, round=2)])
+    before = path.read_text().splitlines()
+    assert R.relabel_round(path, "t", "2", "2-abandoned") == 2
+    after = path.read_text().splitlines()
+    assert [r["round"] for r in R.read_rows(path)] == ["1", "2-abandoned", "2", "2-abandoned"]
+    assert after[:2] == before[:2] and after[3] == before[3]  # every other line kept verbatim
+    assert after[2] == before[2].replace("\t2\tc2\t", "\t2-abandoned\tc2\t")
+    assert R.relabel_round(path, "t", "2", "x") == 0 and R.relabel_round(tmp_path / "none.tsv", "t", "1", "x") == 0
+    assert not list(tmp_path.glob(".results.tsv.*"))
+
+
 def _writer(path, start, n):
     for i in range(start, start + n):
         R.append_rows(path, [row(i)])

@@ -20,7 +20,8 @@ with fewer columns keeps its rows; its header is extended.
     python tools/results.py show [--last N] [--file results.tsv] [--tag TAG]
 
 Library use (the round driver loads this file by path, the repo root never goes on sys.path):
-parse_output(text) -> [record], parse_log(text) -> record, append_rows(path, rows), read_rows(path).
+parse_output(text) -> [record], parse_log(text) -> record, append_rows(path, rows), read_rows(path),
+relabel_round(path, tag, old, new).
 """
 
 import argparse
@@ -297,23 +298,51 @@ def append_rows(path, rows, dedupe=True):
             new.append("\t".join(sanitize(row.get(c)) for c in header))
         if not new and text:
             return 0
-        body = "\n".join(["\t".join(header)] + lines + new) + "\n"
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(body)
-                f.flush()
-                os.fsync(f.fileno())
-            if path.exists():
-                os.chmod(tmp, path.stat().st_mode & 0o777)
-            else:
-                os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        _replace(path, "\n".join(["\t".join(header)] + lines + new) + "\n")
         return len(new)
+
+
+def _replace(path, body):
+    """Write body to path atomically (temporary file, fsync, rename), keeping the file's mode."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(body)
+            f.flush()
+            os.fsync(f.fileno())
+        if path.exists():
+            os.chmod(tmp, path.stat().st_mode & 0o777)
+        else:
+            os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def relabel_round(path, tag, old, new):
+    """Set the round column of the rows of (tag, round old) to new, atomically; returns how many changed.
+    `abandon` uses it so that an abandoned round's rows stay apart from the round that reuses its number.
+    Every other line is kept verbatim."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    with _dir_lock(path.parent):
+        header, lines = _split_existing(path.read_text())
+        if not header or "round" not in header or "tag" not in header:
+            return 0
+        i_round, i_tag = header.index("round"), header.index("tag")
+        out, changed = [], 0
+        for line in lines:
+            f = line.split("\t")
+            if len(f) > max(i_round, i_tag) and f[i_tag] == tag and f[i_round] == old:
+                f[i_round] = sanitize(new)
+                line, changed = "\t".join(f), changed + 1
+            out.append(line)
+        if changed:
+            _replace(path, "\n".join(["\t".join(header)] + out) + "\n")
+        return changed
 
 
 def read_rows(path):
