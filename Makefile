@@ -56,7 +56,7 @@ lint: $(STAMP) ## shellcheck every shell script and ruff the Python
 	$(VENV)/bin/ruff check .
 	@files=$$(git ls-files '*.sh' .ci/run); if [ -n "$$files" ]; then echo "shellcheck $$files"; $(VENV)/bin/shellcheck $$files; fi
 
-# Round driver inputs: K, BACKEND, TAG, SWEEP, REPEATS. Taken with $(value ...) so that even a value
+# Round driver inputs: K, BACKEND, TAG, SWEEP, REPEATS, DETACH, TIMEOUT. Taken with $(value ...) so that even a value
 # containing `$(...)` stays literal data, and handed to the recipes only as exported environment
 # variables (AR_ROUND_*) that the shell expands inside double quotes; tools/round.py validates them.
 override AR_ROUND_K := $(value K)
@@ -64,18 +64,24 @@ override AR_ROUND_BACKEND := $(value BACKEND)
 override AR_ROUND_TAG := $(value TAG)
 override AR_ROUND_SWEEP := $(value SWEEP)
 override AR_ROUND_REPEATS := $(value REPEATS)
-export AR_ROUND_K AR_ROUND_BACKEND AR_ROUND_TAG AR_ROUND_SWEEP AR_ROUND_REPEATS
+override AR_ROUND_DETACH := $(value DETACH)
+override AR_ROUND_TIMEOUT := $(value TIMEOUT)
+export AR_ROUND_K AR_ROUND_BACKEND AR_ROUND_TAG AR_ROUND_SWEEP AR_ROUND_REPEATS AR_ROUND_DETACH AR_ROUND_TIMEOUT
 
 .PHONY: round
-round: $(STAMP) ## one round: K=4 experiments in parallel [BACKEND=local|vessl|sky|modal TAG=.. SWEEP="KNOB=v1,v2"]
-	@$(PY) tools/round.py round --k="$$AR_ROUND_K" --backend="$$AR_ROUND_BACKEND" --tag="$$AR_ROUND_TAG" --sweep="$$AR_ROUND_SWEEP"
+round: $(STAMP) ## one round: K=4 experiments in parallel [BACKEND=local|vessl|sky|modal TAG=.. SWEEP="KNOB=v1,v2" DETACH=1]
+	@$(PY) tools/round.py round --k="$$AR_ROUND_K" --backend="$$AR_ROUND_BACKEND" --tag="$$AR_ROUND_TAG" --sweep="$$AR_ROUND_SWEEP" --detach="$$AR_ROUND_DETACH"
+
+.PHONY: round-wait
+round-wait: $(STAMP) ## wait at most TIMEOUT=100 s for the tag's round or baseline: exit 0 and its table once done [TAG=..]
+	@$(PY) tools/round.py wait --tag="$$AR_ROUND_TAG" --timeout="$$AR_ROUND_TIMEOUT"
 
 .PHONY: baseline
-baseline: $(STAMP) ## run the current best REPEATS=2 times; stores the noise sigma [BACKEND=.. TAG=..]
-	@$(PY) tools/round.py baseline --repeats="$$AR_ROUND_REPEATS" --backend="$$AR_ROUND_BACKEND" --tag="$$AR_ROUND_TAG"
+baseline: $(STAMP) ## run the current best REPEATS=2 times; stores the noise sigma [BACKEND=.. TAG=.. DETACH=1]
+	@$(PY) tools/round.py baseline --repeats="$$AR_ROUND_REPEATS" --backend="$$AR_ROUND_BACKEND" --tag="$$AR_ROUND_TAG" --detach="$$AR_ROUND_DETACH"
 
 .PHONY: status
-status: $(STAMP) ## jobs of unfinished rounds (state, elapsed, remaining) and the spend so far [TAG=..]
+status: $(STAMP) ## unfinished rounds: jobs (state, elapsed, remaining), driver running or not, log; the spend [TAG=..]
 	@$(PY) tools/round.py status --tag="$$AR_ROUND_TAG"
 
 .PHONY: results

@@ -14,6 +14,7 @@ import fcntl
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -558,13 +559,17 @@ def test_rerun_with_other_arguments_refused_and_abandon(world):
     p = world.run("status")
     assert p.returncode == 0 and "r1 (running)" in p.stdout and "running" in p.stdout
     assert re.search(r"c1\s+ar-default-\S+\s+running", p.stdout), p.stdout
+    assert "driver: NOT running" in p.stdout  # the foreground driver was killed: the jobs run on, unwatched
+    assert 'rerun to resume it: AR_PROFILE=smoke make round K=1 SWEEP="MATRIX_LR=0.02" TAG=default' in p.stdout
     p = world.run("round", "--k=1", "--sweep=MATRIX_LR=0.03")
     assert p.returncode == 1 and "rerun with those values" in p.stderr and "abandon" in p.stderr
     p = world.run("abandon")
-    assert p.returncode == 0 and world.ledger("default", 1)["status"] == "abandoned"
+    assert p.returncode == 0 and world.ledger("default", "1-abandoned")["status"] == "abandoned", p.stderr
+    assert world.ledger("default", 1) is None and "the next round is 1 again" in p.stderr
     assert sorted(world.lines("cancels.log")) == sorted(world.lines("submissions.log"))
     p = world.run("round", "--k=1", "--sweep=MATRIX_LR=0.03")
-    assert p.returncode == 0 and "round 2 of tag default" in p.stdout, p.stderr
+    assert p.returncode == 0 and "round 1 of tag default" in p.stdout, p.stderr
+    assert [(r["round"], r["status"]) for r in world.rows()] == [("1-abandoned", "crash")] * 2 + [("1", "keep")] * 2
 
 
 def test_submit_unavailable_leaves_round_resumable(world):
@@ -574,6 +579,171 @@ def test_submit_unavailable_leaves_round_resumable(world):
     p = world.run("round", "--k=1", "--sweep=MATRIX_LR=0.02")
     assert p.returncode == 0, p.stderr
     assert len(world.lines("submissions.log")) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# detached rounds (DETACH=1), round-wait, and abandon keeping the round number
+# ---------------------------------------------------------------------------------------------
+def driver(world, tag="default"):
+    return json.loads((world.repo / ".ar" / "rounds" / tag / "driver.json").read_text())
+
+
+def round_errors(p):
+    return [line for line in p.stderr.splitlines() if line.startswith("round: ")]
+
+
+def test_detached_round_returns_at_once_and_finishes_in_the_background(world):
+    t = time.time()
+    p = world.make("round", "K=2", "SWEEP=MATRIX_LR=0.02,0.03", "DETACH=1", AR_TEST_FAKE_SLEEP="2")
+    assert p.returncode == 0, p.stderr
+    assert time.time() - t < 10  # the foreground only checks; the jobs take 2 s more
+    assert p.stdout == ".ar/rounds/default/r1.log\n"
+    assert "runs detached (pid" in p.stderr and "make round-wait TAG=default" in p.stderr
+    pid = driver(world)["pid"]
+    assert os.getsid(pid) == pid  # its own session: a shell tool killing its command's process group misses it
+    wait_for(lambda: (world.ledger("default", 1) or {}).get("status") == "running")
+    p = world.make("status")
+    assert f"driver: running (pid {pid}, detached); log .ar/rounds/default/r1.log" in p.stdout, p.stdout
+    # a second start of the same round is refused in the foreground; nothing is submitted twice
+    p = world.make("round", "K=2", "SWEEP=MATRIX_LR=0.02,0.03", "DETACH=1")
+    assert p.returncode != 0 and p.stdout == "" and len(round_errors(p)) == 1, p.stderr
+    assert (f"another round on tag 'default' is running (pid {pid}, detached, log .ar/rounds/default/r1.log)"
+            in round_errors(p)[0])
+    p = world.run("wait", "--timeout=0")
+    assert p.returncode == 3 and "r1 of tag default is still running after 0s" in p.stdout, p.stdout
+    p = world.make("round-wait", "TIMEOUT=60")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.startswith("round 1 of tag default") and "delta_vs_best" in p.stdout
+    assert "winner: c1 val_bpb 0.980000" in p.stdout and "next round: 2" in p.stdout
+    assert [(r["round"], r["candidate"], r["status"]) for r in world.rows()] == [
+        ("1", "c0", "keep"), ("1", "c1", "keep"), ("1", "c2", "discard")]
+    assert len(world.lines("submissions.log")) == 3
+    log = (world.repo / ".ar/rounds/default/r1.log").read_text()
+    assert "next round: 2" in log and f"detached driver pid {pid} exits 0" in log
+    assert driver(world)["rc"] == 0
+    p = world.make("status")
+    assert "no unfinished rounds" in p.stdout
+    assert "tag default r1: done (detached, exited 0): winner: c1 val_bpb 0.980000" in p.stdout, p.stdout
+    # a detached baseline, waited for the same way
+    p = world.make("baseline", "REPEATS=2", "DETACH=1")
+    assert p.returncode == 0 and p.stdout == ".ar/rounds/default/b1.log\n", p.stderr
+    p = world.make("round-wait", "TIMEOUT=60")
+    assert p.returncode == 0 and p.stdout.startswith("b1 of tag default") and "noise: sigma" in p.stdout, p.stdout
+
+
+def test_detach_checks_everything_in_the_foreground(world):
+    sweep = "SWEEP=MATRIX_LR=0.02,0.03"
+    cases = [
+        (["K=0"], {}, "K must be an integer from 1 to 64"),
+        (["K=2", "BACKEND=nope"], {}, "unknown BACKEND 'nope'"),
+        (["K=3", sweep], {}, "SWEEP gives 2 variants but K=3"),
+        (["K=2"], {}, "needs 2 candidate branches"),
+        (["K=2", sweep], {"DETACH": "yes"}, "DETACH must be 1 (run detached) or 0, not 'yes'"),
+        (["K=2", sweep, "BACKEND=vessl"], {"AR_BUDGET_USD": "0.5"}, "budget refused"),
+    ]
+    for args, extra, message in cases:
+        p = world.make("round", *args, **{"DETACH": "1", **extra})
+        assert p.returncode != 0 and p.stdout == "", (args, p.stdout)
+        assert len(round_errors(p)) == 1 and message in round_errors(p)[0], (args, p.stderr)
+    # an unfinished round (its submit failed) refuses other values, in the foreground too
+    p = world.run("round", "--k=1", "--sweep=MATRIX_LR=0.02", AR_TEST_FAKE_SUBMIT_EXIT="3")
+    assert p.returncode == 1 and world.ledger("default", 1)["status"] == "submitting"
+    p = world.make("round", "K=1", "SWEEP=MATRIX_LR=0.03", "DETACH=1")
+    assert p.returncode != 0 and "is unfinished (submitting)" in round_errors(p)[0]
+    p = world.make("baseline", "DETACH=1")
+    assert p.returncode != 0 and "round 1 of tag default is unfinished" in round_errors(p)[0]
+    assert not list((world.repo / ".ar" / "rounds" / "default").glob("*.log"))
+    assert not (world.repo / ".ar" / "rounds" / "default" / "driver.json").exists()
+    assert world.lines("submissions.log") == []
+    # what fails only once detached (the submit) is in round-wait and make status, with the command to rerun
+    p = world.make("round", "K=1", "SWEEP=MATRIX_LR=0.02", "DETACH=1", AR_TEST_FAKE_SUBMIT_EXIT="3")
+    assert p.returncode == 0, p.stderr
+    p = world.make("round-wait", "TIMEOUT=30")
+    assert p.returncode != 0 and "r1 of tag default is unfinished (submitting) and no driver is running" in p.stdout
+    assert "the detached driver exited 1: backend local is unavailable (submit-async.sh exit 3)" in p.stdout
+    rerun = ('rerun to resume it: AR_PROFILE=smoke make round K=1 SWEEP="MATRIX_LR=0.02" TAG=default BACKEND=local '
+             'DETACH=1')
+    assert rerun in p.stdout, p.stdout
+    p = world.make("status")
+    assert "driver: NOT running (the detached driver exited 1: backend local is unavailable" in p.stdout
+    assert rerun in p.stdout
+    p = world.make("round", "K=1", "SWEEP=MATRIX_LR=0.02", "DETACH=1")
+    assert p.returncode == 0 and world.make("round-wait", "TIMEOUT=60").returncode == 0
+    assert [r["status"] for r in world.rows()] == ["keep", "keep"]
+
+
+def test_detached_driver_sigterm_cancels_kill9_resumes(world):
+    sweep = "SWEEP=MATRIX_LR=0.02,0.03"
+    # SIGTERM, as Ctrl-C in the foreground: every job cancelled, the round marked interrupted
+    assert world.make("round", "K=2", sweep, "DETACH=1", AR_TEST_FAKE_SLEEP="30").returncode == 0
+    pid = driver(world)["pid"]
+    wait_for(lambda: (world.ledger("default", 1) or {}).get("status") == "running" and world.lines("waits.log"))
+    os.kill(pid, signal.SIGTERM)
+    p = world.make("round-wait", "TIMEOUT=30")
+    assert p.returncode != 0 and "the detached driver exited 130: interrupted (signal 15)" in p.stdout, p.stdout
+    subs = world.lines("submissions.log")
+    assert len(subs) == 3 and sorted(set(world.lines("cancels.log"))) == sorted(subs)
+    assert world.ledger("default", 1)["status"] == "interrupted"
+    # the rerun command round-wait printed restarts the jobs; the driver then dies (kill -9) while waiting
+    rerun = re.search(r"rerun to resume it: (.*?) \(or abandon", p.stdout).group(1)
+    words = shlex.split(rerun)
+    assert words[:3] == ["AR_PROFILE=smoke", "make", "round"] and words[-1] == "DETACH=1"
+    assert world.make(*words[2:], AR_TEST_FAKE_SLEEP="2").returncode == 0
+    pid2 = driver(world)["pid"]
+    assert pid2 != pid
+    wait_for(lambda: len(world.lines("waits.log")) == 2)
+    os.kill(pid2, signal.SIGKILL)
+    p = world.make("round-wait", "TIMEOUT=10")
+    assert p.returncode != 0 and "no driver is running (the detached driver died)" in p.stdout, p.stdout
+    p = world.make("status")
+    assert "driver: NOT running (the detached driver died); log .ar/rounds/default/r1.log" in p.stdout, p.stdout
+    assert world.make(*words[2:]).returncode == 0  # resumes: waits on the recorded jobs
+    p = world.make("round-wait", "TIMEOUT=60")
+    assert p.returncode == 0 and "round 1 of tag default" in p.stdout, p.stdout
+    subs2 = world.lines("submissions.log")[3:]
+    assert sorted(subs2) == sorted(f"{s}-2" for s in subs)  # each restarted once, nothing submitted twice
+    assert [r["status"] for r in world.rows()] == ["crash"] * 3 + ["keep", "keep", "discard"]
+
+
+def test_abandon_stops_the_driver_and_the_next_round_reuses_the_number(world):
+    head = world.git("rev-parse", "HEAD")
+    world.git("branch", "autoresearch/ab", head)
+    for i, val in ((1, "0.95"), (2, "0.90")):
+        world.git("switch", "-q", "-c", f"autoresearch/ab-r1-c{i}", head)
+        (world.repo / "trainer" / "train.py").write_text(TRAIN_PY + f"# FAKE_VAL={val}\n")
+        world.git("commit", "-qam", f"candidate {i}")
+    world.git("switch", "-q", "main")
+    assert world.make("round", "K=2", "TAG=ab", "DETACH=1", AR_TEST_FAKE_SLEEP="30").returncode == 0
+    pid = driver(world, "ab")["pid"]
+    wait_for(lambda: (world.ledger("ab", 1) or {}).get("status") == "running" and world.lines("waits.log"))
+    p = world.run("abandon", "--tag=ab")
+    assert p.returncode == 0, p.stderr
+    assert f"stopping the running round driver of tag ab (pid {pid})" in p.stderr
+    assert "the next round is 1 again: candidate branches autoresearch/ab-r1-c1.." in p.stderr
+    state = world.repo / ".ar" / "rounds" / "ab"
+    assert world.ledger("ab", 1) is None and world.ledger("ab", "1-abandoned")["status"] == "abandoned"
+    assert (state / "r1-abandoned.log").exists() and not (state / "r1.log").exists()
+    assert not (state / "driver.json").exists()
+    subs = world.lines("submissions.log")
+    assert len(subs) == 3 and sorted(set(world.lines("cancels.log"))) == sorted(subs)
+    rows = world.rows()  # written by the stopped driver as round 1, relabelled by abandon
+    assert [(r["round"], r["status"]) for r in rows] == [("1-abandoned", "crash")] * 3
+    assert all("cancelled (interrupted)" in r["description"] for r in rows)
+    # the branches prepared for round 1 are round 1's again, no renaming
+    p = world.make("round", "K=2", "TAG=ab")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("round 1 of tag ab") and "winner: c2" in p.stdout and "next round: 2" in p.stdout
+    c2 = world.git("rev-parse", "autoresearch/ab-r1-c2")
+    assert world.git("rev-parse", "autoresearch/ab") == c2 == world.git("rev-parse", "refs/autoresearch/ab/r1")
+    assert [(r["round"], r["candidate"], r["status"]) for r in world.rows()[3:]] == [
+        ("1", "c0", "keep"), ("1", "c1", "discard"), ("1", "c2", "keep")]
+    # each abandon of the same number is archived under its own name
+    for _ in range(2):
+        p = world.run("round", "--k=1", "--sweep=MATRIX_LR=0.02", "--tag=ab", AR_TEST_FAKE_SUBMIT_EXIT="3")
+        assert p.returncode == 1 and world.run("abandon", "--tag=ab").returncode == 0
+    assert world.ledger("ab", "2-abandoned") and world.ledger("ab", "2-abandoned-2") and not world.ledger("ab", 2)
+    p = world.run("round", "--k=1", "--sweep=MATRIX_LR=0.02", "--tag=ab")
+    assert p.returncode == 0 and "round 2 of tag ab" in p.stdout, p.stderr
 
 
 def test_results_status_plot_targets(world):

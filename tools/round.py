@@ -2,10 +2,11 @@
 """
 tools/round.py -- the round driver: K experiments in parallel on a backend, keep the best.
 
-    make round K=4 [BACKEND=local] [TAG=...] [SWEEP="KNOB=v1,v2 ..."]   # tools/round.py round --k=4 ...
-    make baseline REPEATS=2 [BACKEND=...] [TAG=...]                     # tools/round.py baseline ...
-    make status [TAG=...]                                               # tools/round.py status ...
-    python tools/round.py abandon [--tag TAG]   # cancel an unfinished round's jobs and close it
+    make round K=4 [BACKEND=local] [TAG=...] [SWEEP="KNOB=v1,v2 ..."] [DETACH=1]  # tools/round.py round --k=4 ...
+    make baseline REPEATS=2 [BACKEND=...] [TAG=...] [DETACH=1]                    # tools/round.py baseline ...
+    make status [TAG=...]                                                         # tools/round.py status ...
+    make round-wait [TAG=...] [TIMEOUT=100]                                       # tools/round.py wait ...
+    python tools/round.py abandon [--tag TAG]  # stop the tag's driver, cancel its unfinished round's jobs, close it
 
 Vocabulary
   tag         a line of research, `^[a-z0-9][a-z0-9-]{0,19}$`. Default: the tag of the checked-out
@@ -41,11 +42,17 @@ State (under ${AR_STATE_DIR:-.ar}/rounds/<tag>/, every file written atomically)
   r<N>.json   the round ledger: spec, candidates, job ids, results, winner, status
               (submitting -> running -> finalizing -> done | interrupted | abandoned). Written before
               anything is submitted; each job id is recorded as soon as its submit returns.
+  r<N>-abandoned.json  round N closed by `abandon` (then r<N>-abandoned-2.json, ...): no longer an
+              r<N>.json, so the next round is N again.
   b<N>.json   the same for `make baseline`: repeat 1 runs the best unchanged, repeat i > 1 with
               SEED=<SEED+i-1> (distinct effective overrides, hence distinct job names; seeds also
               measure the init noise any code change brings). results.tsv rows: round b<N>, base<i>.
   noise.json  sigma, mean, n per "profile/gpu/backend", from `make baseline`.
-  lock        flock: one round or baseline per tag at a time (a second one exits 1 at once).
+  lock        flock: one round or baseline per tag at a time (a second one exits 1 at once); holds
+              "<pid> <round|baseline|abandon>". A driver runs exactly while the lock is held (the
+              kernel drops it when the driver dies, even by kill -9): that is how status and wait tell.
+  r<N>.log, b<N>.log, driver.json   a detached driver's output (appended on each start) and record:
+              pid, ledger, log, the command that starts it again, and once it ends: rc and error.
 results.tsv (repo root) gets every experiment as keep|discard|crash (tools/results.py).
 
 Resume and interrupts
@@ -60,6 +67,33 @@ Resume and interrupts
     new attempt `<name>-2` for a name whose last job was cancelled); candidates whose jobs had already
     ended keep their results.
   * A different command while a round is unfinished is refused; `abandon` cancels and closes it.
+  * abandon: a driver still running on the tag is sent SIGTERM first (see above) and waited for. Then
+    every unfinished job is cancelled and recorded (cancelled: crash; ended but never recorded:
+    discard or crash, "(abandoned)"), and round N is archived: r<N>.json becomes r<N>-abandoned.json,
+    its results.tsv rows (also those an earlier interrupt wrote) get round "<N>-abandoned", its log and
+    a winner ref refs/autoresearch/<tag>/r<N> the same suffix. The next round is N again and takes the
+    candidate branches prepared for N (`autoresearch/<tag>-r<N>-c<i>`), no renaming. An abandoned
+    baseline b<N> stays b<N> (status abandoned); the next baseline is b<N+1>. An abandon that dies
+    half-way is run again (each step is idempotent).
+
+Detached (DETACH=1, --detach): for agent shells that kill commands after a few minutes. Everything
+that can refuse without running a job is checked in the foreground first, with the usual one-line
+error and exit code (arguments, unfinished or locked round, candidate branches, SWEEP, budget); then
+the driver forks into its own session (setsid; stdin /dev/null; stdout and stderr appended to
+<state>/rounds/<tag>/r<N>.log), keeping the tag's lock (the same open file, so a second start is
+refused at once: "another round on tag ... is running (pid P, detached, log ...)"), records itself in
+driver.json, and the foreground prints the log path on stdout and exits 0. Data preparation, the
+ledger, submits, waiting and finalizing happen detached; a failure there is in the log, in driver.json,
+in `make status` and `make round-wait`. SIGTERM to the detached pid (shown by `make status`) cancels
+the round's jobs as Ctrl-C does; kill -9 leaves them running for a rerun of the same command (with
+DETACH=1 again or not) to resume.
+  make status      per unfinished round: `driver: running (pid P, detached); log ...` or `driver: NOT
+                   running (...)` with the command that resumes it; after a detached round, its outcome.
+  make round-wait  waits until no driver holds the tag's lock, at most TIMEOUT (default 100) seconds.
+                   Exit 0: the tag's round (or baseline) is done, its table and winner printed (the
+                   same as the foreground's stdout). Exit 3: still running, call it again. Exit 1: it
+                   ended unfinished (failed, interrupted, died), the message says why and what to run.
+                   Through make any non-zero exit is make's 2 ("Error 3" on stderr); read the message.
 
 Budget (fails closed): AR_BUDGET_USD (unset = no limit). spent = sum of cost_usd in results.tsv +
 the expected cost of submitted, not yet recorded jobs of unfinished rounds. A round starts only if
@@ -67,11 +101,12 @@ spent + n_jobs x (profile time budget + overhead_s[backend]) / 3600 x price[back
 (tools/prices.yaml; a GPU without a price refuses). Recorded per job: cost_usd = wall_s x price,
 wall_s = submit to end as the driver saw it, clamped to [trainer total_seconds, + overhead_s].
 
-Env: K BACKEND TAG SWEEP REPEATS reach the script as --k/--backend/... (make passes them via AR_ROUND_*);
-AR_PROFILE, AR_BUDGET_USD, AR_MIN_DELTA, AR_<BACKEND>_GPU, AR_TIMEOUT_S (read by wait-jobs.sh),
+Env: K BACKEND TAG SWEEP REPEATS DETACH TIMEOUT reach the script as --k/--backend/... (make passes them
+via AR_ROUND_*); AR_PROFILE, AR_BUDGET_USD, AR_MIN_DELTA, AR_<BACKEND>_GPU, AR_TIMEOUT_S (read by wait-jobs.sh),
 AR_STATE_DIR, AR_TEST_BACKEND_DIR (tests: use this folder as the backend).
-stdout: the result table; progress on stderr. Exit: 0 done, 1 refused or failed at run time (lock,
-budget, submit, git), 2 bad arguments (nothing done), 130 interrupted.
+stdout: the result table (detached: the log path); progress on stderr. Exit: 0 done (detached: started),
+1 refused or failed at run time (lock, budget, submit, git), 2 bad arguments (nothing done), 3 `wait`:
+still running, 130 interrupted.
 """
 
 import argparse
@@ -461,23 +496,175 @@ def all_unfinished():
     return out
 
 
+def _lock_owner(fd):
+    """(pid or None, role) from a lock file's `<pid> <role>` line (role: round|baseline|abandon)."""
+    words = os.pread(fd, 64, 0).decode(errors="replace").split()
+    pid = int(words[0]) if words and words[0].isdigit() else None
+    return pid, (words[1] if len(words) > 1 else "round")
+
+
+def _set_lock_owner(fd, role):
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()} {role}\n".encode(), 0)
+
+
 @contextlib.contextmanager
-def tag_lock(tag):
+def tag_lock(tag, role="round"):
+    """One driver per tag. Yields the lock's fd (a detached driver inherits it, so the lock is never free
+    between the foreground checks and the detached run). A `make status` or `round-wait` probes the lock
+    for microseconds (lock_holder), hence a few retries before giving up."""
     d = tag_dir(tag)
     d.mkdir(parents=True, exist_ok=True)
     fd = os.open(d / "lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
+        for attempt in range(7):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt == 6:
+                    pid, what = _lock_owner(fd)
+                    rec = driver_record(tag) or {}
+                    where = f", detached, log {rec['log']}" if pid and rec.get("pid") == pid and rec.get("log") else ""
+                    who = f" (pid {pid}{where})" if pid else ""
+                    raise RoundError(f"another {what} on tag {tag!r} is running{who}; `make status` shows it, "
+                                     "`make round-wait` waits for its end, or pick another TAG") from None
+                time.sleep(0.05)
+        _set_lock_owner(fd, role)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
-            raise RoundError(f"another round on tag {tag!r} is running" + (f" (pid {holder})" if holder else "")
-                             + "; wait for it or pick another TAG") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
+            yield fd
+        except BaseException as e:
+            if DETACHED:
+                finish_detached(e)
+            raise
+        else:
+            if DETACHED:
+                finish_detached(None)
     finally:
         os.close(fd)
+
+
+def lock_holder(tag):
+    """None when no driver holds the tag's lock, else (pid or None, role). Exact even for a driver killed
+    with -9 (the kernel drops its lock) or left a zombie; the probe holds a shared lock for microseconds."""
+    try:
+        fd = os.open(tag_dir(tag) / "lock", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _lock_owner(fd)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------------------------
+# detached drivers (DETACH=1)
+# ----------------------------------------------------------------------------------------------
+DRIVER = "driver.json"  # <state>/rounds/<tag>/driver.json: the tag's last detached driver
+DETACHED = None  # in a detached driver: the path of its driver.json
+
+
+def parse_detach(raw):
+    raw = (raw or "").strip()
+    if raw not in ("", "0", "1"):
+        raise UsageError(f"DETACH must be 1 (run detached) or 0, not {raw!r}")
+    return raw == "1"
+
+
+def driver_record(tag):
+    """The tag's driver.json, or None (missing or unreadable)."""
+    try:
+        rec = read_json(tag_dir(tag) / DRIVER)
+    except RoundError:
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def _close_fds_except(keep):
+    try:
+        fds = [int(x) for x in os.listdir("/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd")]
+    except OSError:
+        fds = range(3, 1024)
+    for fd in fds:
+        if fd > 2 and fd not in keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def detach(tag, name, lock_fd, command, kind):
+    """Fork the driver into its own session (setsid: a shell tool that kills its command's process group
+    does not reach it), stdin /dev/null, stdout and stderr appended to <state>/rounds/<tag>/<name>.log.
+    It keeps the tag's lock (the same open file), records itself in driver.json, and only then lets the
+    foreground process print the log path and exit 0. Returns True in the foreground, False in the driver."""
+    global DETACHED
+    d = tag_dir(tag)
+    log_path = d / f"{name}.log"
+    r, w = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            started = f.read(1) == b"1"
+        if not started:
+            raise RoundError(f"the detached driver (pid {pid}) did not start; see {rel(log_path)}")
+        what = f"baseline {name}" if kind == "baseline" else f"round {name[1:]}"
+        log(f"{what} of tag {tag} runs detached (pid {pid}), log "
+            f"{rel(log_path)}; `make status` shows its jobs, `make round-wait TAG={tag}` waits for its end")
+        print(rel(log_path), flush=True)
+        return True
+    try:
+        os.close(r)
+        os.setsid()
+        out = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        _close_fds_except({lock_fd, w})
+        sys.stdout.reconfigure(line_buffering=True)
+        _set_lock_owner(lock_fd, kind)
+        DETACHED = d / DRIVER
+        write_json(DETACHED, dict(pid=os.getpid(), kind=kind, ledger=name, log=rel(log_path), command=command,
+                                  started=now(), started_iso=iso()))
+        print(f"=== {iso()} detached driver pid {os.getpid()}: {command} ===", flush=True)
+        os.write(w, b"1")
+        os.close(w)
+    except BaseException:
+        os._exit(1)
+    return False
+
+
+def exit_code(exc):
+    if exc is None:
+        return 0
+    if isinstance(exc, UsageError):
+        return 2
+    if isinstance(exc, (Interrupted, KeyboardInterrupt)):
+        return 130
+    return 1
+
+
+def finish_detached(exc):
+    """Record a detached driver's exit in its driver.json (still under the tag's lock)."""
+    rec = driver_record(DETACHED.parent.name) or {}
+    if rec.get("pid") != os.getpid():
+        return
+    rc = exit_code(exc)
+    error = None
+    if isinstance(exc, Interrupted):
+        error = f"interrupted (signal {exc.args[0]})"
+    elif exc is not None:
+        error = str(exc) or type(exc).__name__
+    rec.update(rc=rc, error=error, finished=now(), finished_iso=iso())
+    with contextlib.suppress(OSError):
+        write_json(DETACHED, rec)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -858,11 +1045,11 @@ def wait_all(ctx, path, led, sig):
                              "rerun the same command to resume waiting")
 
 
-def wall_seconds(ctx, c):
+def wall_seconds(overhead, c):
     """The job's wall time: from its submit to the arrival of its wait-jobs block, clamped to
     [trainer total_seconds, trainer total_seconds + overhead_s] when the trainer reported its time
     (a queued local job or a resumed driver would otherwise count the waiting)."""
-    overhead = float(ctx.overheads.get(ctx.backend_name, 0))
+    overhead = float(overhead or 0)
     total = (c.get("result") or {}).get("total_seconds")
     observed = None
     if c.get("submitted_at") and c.get("finished_at"):
@@ -982,7 +1169,7 @@ def record_rows(ctx, led):
     rows = []
     for c in led["candidates"]:
         res = c.get("result") or {}
-        wall = wall_seconds(ctx, c)
+        wall = wall_seconds(ctx.overheads.get(ctx.backend_name, 0), c)
         cost = wall / 3600 * price if price is not None else 0.0
         desc = c["description"]
         if c.get("job_id") in earlier:
@@ -1001,7 +1188,8 @@ def record_rows(ctx, led):
         c["recorded"] = True
 
 
-def print_table(ctx, led):
+def print_table(led):
+    spec, tag = led["spec"], led["tag"]
     best_val = led.get("best_val_bpb")
     rows = []
     for c in led["candidates"]:
@@ -1013,10 +1201,36 @@ def print_table(ctx, led):
                      (c["description"] if c.get("status") != "crash" else
                       f"{c['description']} -- {res.get('error') or ''}")[:70]])
     label = led.get("round_label", f"round {led['round']}")
-    print(f"{label} of tag {ctx.tag}: backend {ctx.backend_name}, profile {ctx.profile}, gpu {ctx.gpu}; best before "
+    print(f"{label} of tag {tag}: backend {spec['backend']}, profile {spec['profile']}, gpu {spec['gpu']}; best before "
           f"{led['best_commit'][:10]} val_bpb {'-' if best_val is None else f'{best_val:.6f}'}"
           f" (threshold {led.get('threshold', 0):.6f}: {led.get('threshold_source', '')})")
     print(R.table(["candidate", "job_id", "state", "val_bpb", "delta_vs_best", "status", "description"], rows))
+
+
+def outcome_lines(led):
+    """What a finished round (winner, next round) or baseline (noise) came to: the lines under its table."""
+    tag = led["tag"]
+    if led["kind"] == "baseline":
+        vals = [c["result"]["val_bpb"] for c in led["candidates"] if c.get("status") == "keep"]
+        if len(vals) < 2:
+            return [f"noise: only {len(vals)} run(s) succeeded; sigma not stored"]
+        key = "/".join(led["spec"][k] for k in ("profile", "gpu", "backend"))
+        return [f"noise: sigma {statistics.stdev(vals):.6f} over {len(vals)} runs (mean {statistics.fmean(vals):.6f}) "
+                f"stored in {rel(tag_dir(tag) / 'noise.json')} for {key}"]
+    w = next((c for c in led["candidates"] if c["name"] == led.get("winner")), None)
+    if w:
+        moved = "now at" if led.get("advanced") else "NOT moved; winner is"
+        first = (f"winner: {w['name']} val_bpb {w['result']['val_bpb']:.6f} -> autoresearch/{tag} {moved} "
+                 f"{led['advance_to'][:10]}")
+    else:
+        first = f"no winner: autoresearch/{tag} stays at {led['best_commit'][:10]}"
+    n = led["round"] + 1
+    return [first, f"next round: {n}  (candidate branches autoresearch/{tag}-r{n}-c1.., or SWEEP=...)"]
+
+
+def print_report(led):
+    print_table(led)
+    print("\n".join(outcome_lines(led)))
 
 
 def finalize(ctx, path, led):
@@ -1029,16 +1243,7 @@ def finalize(ctx, path, led):
     advance(ctx, led)
     led["status"], led["finished"] = "done", iso()
     write_json(path, led)
-    print_table(ctx, led)
-    w = next((c for c in led["candidates"] if c["name"] == led.get("winner")), None)
-    if w:
-        moved = "now at" if led.get("advanced") else "NOT moved; winner is"
-        print(f"winner: {w['name']} val_bpb {w['result']['val_bpb']:.6f} -> autoresearch/{ctx.tag} {moved} "
-              f"{led['advance_to'][:10]}")
-    else:
-        print(f"no winner: autoresearch/{ctx.tag} stays at {led['best_commit'][:10]}")
-    print(f"next round: {led['round'] + 1}  (candidate branches autoresearch/{ctx.tag}-r{led['round'] + 1}-c1.., "
-          f"or SWEEP=...)")
+    print_report(led)
 
 
 def spec_of(ctx):
@@ -1068,7 +1273,7 @@ def run_ledger(ctx, path, led, sig):
         raise
 
 
-def cancel_candidates(path, led, why):
+def cancel_candidates(path, led, why, label=None):
     """After cancel-jobs.sh: record each cancelled job as a crash row (its time was paid for) and
     clear its id, so that a restart submits the candidate as a new attempt."""
     spec, tag = led["spec"], led["tag"]
@@ -1080,7 +1285,7 @@ def cancel_candidates(path, led, why):
         wall = max(0.0, t - (c.get("submitted_at") or t))
         rows.append(R.make_row({}, commit=short(c["commit"]), status="crash",
                                description=f"{c['description']} -- crash: cancelled ({why})",
-                               round=led.get("round_label", led["round"]), candidate=c["name"],
+                               round=label or led.get("round_label", led["round"]), candidate=c["name"],
                                backend=spec["backend"], gpu=spec["gpu"], profile=spec["profile"],
                                job_id=c["job_id"], wall_s=wall, cost_usd=wall / 3600 * price,
                                overrides=c.get("typed") or c.get("overrides") or {}, tag=tag))
@@ -1109,9 +1314,21 @@ def prepare_resume(ctx, path, led, sig):
             f"job(s) recorded, {len(todo)} to submit")
 
 
+def rerun_command(kind, tag, spec, detach=True):
+    """The make command that starts (or resumes) a round or baseline with these values."""
+    default_profile = "full" if spec["backend"] != "local" or local_gpu_name() else "tiny"
+    cmd = "" if spec["profile"] == default_profile else f"AR_PROFILE={spec['profile']} "
+    if kind == "baseline":
+        cmd += f"make baseline REPEATS={spec['k']}"
+    else:
+        cmd += f"make round K={spec['k']}" + (f' SWEEP="{spec["sweep"]}"' if spec.get("sweep") else "")
+    return cmd + f" TAG={tag} BACKEND={spec['backend']}" + (" DETACH=1" if detach else "")
+
+
 def cmd_round(args):
     ctx = Context(args, require_k=False)
-    with tag_lock(ctx.tag), Signals() as sig:
+    detached = parse_detach(args.detach)
+    with tag_lock(ctx.tag) as lock_fd, Signals() as sig:
         led_list = ledgers(ctx.tag)
         last = read_json(led_list[-1][1]) if led_list else None
         bl = ledgers(ctx.tag, "b")
@@ -1131,6 +1348,9 @@ def cmd_round(args):
                     + f"; rerun with those values to resume it, or close it: python tools/round.py abandon "
                     f"--tag {ctx.tag}")
             prepare_resume(ctx, path, led, sig)
+            ctx.backend.check()
+            if detached and detach(ctx.tag, path.stem, lock_fd, rerun_command("round", ctx.tag, led["spec"]), "round"):
+                return 0
         else:
             if ctx.k is None:
                 raise UsageError("K is required: make round K=4 [SWEEP=...]")
@@ -1148,6 +1368,8 @@ def cmd_round(args):
                 cands.insert(0, dict(index=0, name="c0", kind="baseline", commit=best, overrides={}, typed={},
                                      description="baseline (current best, unchanged)"))
             check_budget(ctx, len(cands))
+            if detached and detach(ctx.tag, f"r{n}", lock_fd, rerun_command("round", ctx.tag, spec_of(ctx)), "round"):
+                return 0  # the checks above ran here; data, ledger, jobs are the detached driver's
             ctx.backend.prepare_data(ctx.profile)
             if ctx.best_commit() != best:
                 raise RoundError(f"autoresearch/{ctx.tag} moved while the round was being set up; run it again")
@@ -1192,18 +1414,14 @@ def finalize_baseline(ctx, path, led):
     led["best_val_bpb"] = statistics.fmean(vals) if vals else None
     led["threshold"], led["threshold_source"] = noise_threshold(ctx)
     write_json(path, led)
-    print_table(ctx, led)
-    if len(vals) >= 2:
-        print(f"noise: sigma {statistics.stdev(vals):.6f} over {len(vals)} runs (mean {statistics.fmean(vals):.6f}) "
-              f"stored in {rel(noise_path)} for {ctx.key}")
-    else:
-        print(f"noise: only {len(vals)} run(s) succeeded; sigma not stored")
+    print_report(led)
 
 
 def cmd_baseline(args):
     ctx = Context(args, require_k=False)
     repeats = parse_int("REPEATS", args.repeats or "2", 2, MAX_K)
-    with tag_lock(ctx.tag), Signals() as sig:
+    detached = parse_detach(args.detach)
+    with tag_lock(ctx.tag, "baseline") as lock_fd, Signals() as sig:
         rounds = ledgers(ctx.tag)
         last_r = read_json(rounds[-1][1]) if rounds else None
         if last_r and last_r.get("status") not in ("done", "abandoned"):
@@ -1218,6 +1436,9 @@ def cmd_baseline(args):
                                  + " ".join(f"{k}={v}" for k, v in led["spec"].items())
                                  + "; rerun with those values, or: python tools/round.py abandon --tag " + ctx.tag)
             prepare_resume(ctx, path, led, sig)
+            ctx.backend.check()
+            if detached and detach(ctx.tag, path.stem, lock_fd, rerun_command("baseline", ctx.tag, spec), "baseline"):
+                return 0
         else:
             ctx.backend.check()
             best = rev(ctx.ref) or rev("HEAD")
@@ -1236,6 +1457,8 @@ def cmd_baseline(args):
                         c["job_name"] = f"ar-{ctx.tag}-{best[:7]}-base{i}"
                 cands.append(c)
             check_budget(ctx, len(cands))
+            if detached and detach(ctx.tag, f"b{n}", lock_fd, rerun_command("baseline", ctx.tag, spec), "baseline"):
+                return 0
             ctx.backend.prepare_data(ctx.profile)
             ctx.best_commit()
             path = tag_dir(ctx.tag) / f"b{n}.json"
@@ -1269,6 +1492,86 @@ def fmt_s(s):
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def last_ledgers(tag):
+    """[(path, ledger)] of the tag's last round and last baseline (those that exist)."""
+    out = []
+    for prefix in ("r", "b"):
+        found = ledgers(tag, prefix)
+        led = read_json(found[-1][1]) if found else None
+        if led:
+            out.append((found[-1][1], led))
+    return out
+
+
+def unfinished(led):
+    return led.get("status") not in ("done", "abandoned")
+
+
+def current_ledger(tag):
+    """(path, ledger) that the tag's driver works on or last finished: the unfinished one, else the more
+    recently written of the last round and the last baseline; (None, None) if the tag has none."""
+    items = last_ledgers(tag)
+    for p, led in items:
+        if unfinished(led):
+            return p, led
+    return max(items, key=lambda x: x[0].stat().st_mtime, default=(None, None))
+
+
+def current_driver(tag):
+    """The tag's driver.json unless a later run (another ledger written after it started) made it stale."""
+    rec = driver_record(tag)
+    if not rec or not isinstance(rec.get("started"), (int, float)) or not isinstance(rec.get("ledger"), str):
+        return None
+    for prefix in ("r", "b"):
+        for _, p in ledgers(tag, prefix):
+            if p.stem != rec["ledger"] and p.stat().st_mtime > rec["started"]:
+                return None
+    return rec
+
+
+def exited(rec):
+    if rec.get("rc") is None:
+        return "the detached driver died"
+    return f"the detached driver exited {rec['rc']}" + (f": {rec['error']}" if rec.get("error") else "")
+
+
+def driver_line(tag, path, led):
+    """Whether an unfinished round's driver runs, and what to do when it does not."""
+    holder, rec = lock_holder(tag), current_driver(tag)
+    rec = rec if rec and rec["ledger"] == path.stem else None
+    logp = f"; log {rec['log']}" if rec else ""
+    if holder:
+        pid = holder[0]
+        how = ", detached" if rec and pid and rec.get("pid") == pid else ""
+        return (f"driver: running (pid {pid or '?'}{how}){logp}; `make round-wait TAG={tag}` waits for the end, "
+                f"`python tools/round.py abandon --tag {tag}` stops it and closes the round")
+    return (f"driver: NOT running{f' ({exited(rec)})' if rec else ''}{logp}; the round is stopped: rerun to resume "
+            f"it: {rerun_command(led['kind'], tag, led['spec'])} (or abandon it: python tools/round.py abandon --tag "
+            f"{tag})")
+
+
+def detached_lines(tag):
+    """Status lines for the tag's detached driver when no unfinished ledger shows it: still starting, ended
+    before its round began, or done (its outcome)."""
+    rec = current_driver(tag)
+    if not rec:
+        holder = lock_holder(tag)
+        return [f"tag {tag}: a driver is starting (pid {holder[0] or '?'}), no ledger yet"] if holder else []
+    name, path = rec["ledger"], tag_dir(tag) / f"{rec['ledger']}.json"
+    led = read_json(path) if path.exists() else None
+    if led is None:
+        holder = lock_holder(tag)
+        if holder:
+            return [f"tag {tag} {name}: the detached driver (pid {holder[0] or '?'}) is starting (checks done; "
+                    f"preparing data, writing the ledger); log {rec['log']}"]
+        return [f"tag {tag} {name}: {exited(rec)} before the round started; log {rec['log']}; fix the cause and "
+                f"rerun: {rec.get('command')}"]
+    if led.get("status") == "done":
+        return [f"tag {tag} {name}: done (detached, {exited(rec).replace('the detached driver ', '')}): "
+                f"{outcome_lines(led)[0]}; log {rec['log']}"]
+    return []
+
+
 def cmd_status(args):
     tag = args.tag
     if tag:
@@ -1284,6 +1587,7 @@ def cmd_status(args):
         print(f"tag {t_name} {p.stem} ({led.get('status')}): backend {spec.get('backend')}, profile "
               f"{spec.get('profile')}, gpu {spec.get('gpu')}, best {led.get('best_commit', '')[:10]}; ledger "
               f"{rel(p)}")
+        print(driver_line(t_name, p, led))
         expect = float(led.get("time_budget_s") or 0) + float(led.get("overhead_s") or 0)
         rows = []
         for c in led.get("candidates", []):
@@ -1302,6 +1606,12 @@ def cmd_status(args):
                          "-" if val is None else f"{val:.6f}", c.get("description", "")[:50]])
         print(R.table(["candidate", "job_id", "state", "elapsed", "remaining", "val_bpb", "description"], rows))
         print()
+    busy = {t_name for t_name, _, _ in items}
+    tags = [tag] if tag else sorted(d.name for d in STATE.iterdir() if d.is_dir()) if STATE.is_dir() else []
+    for t_name in tags:
+        if t_name not in busy:
+            for line in detached_lines(t_name):
+                print(line)
     try:
         of = f" of AR_BUDGET_USD ${float(budget):.2f}" if budget else ""
     except ValueError:
@@ -1310,22 +1620,172 @@ def cmd_status(args):
     return 0
 
 
+WAIT_RUNNING = 3  # `wait`: the round is still running at the timeout
+
+
+def cmd_wait(args):
+    """Block until the tag's driver ends or TIMEOUT seconds pass. 0: the round (or baseline) is done, its
+    table printed; 3: still running, call again; 1: it ended without finishing (what to do is printed)."""
+    tag = validate_tag(args.tag)
+    timeout = parse_int("TIMEOUT", args.timeout or "100", 0, 9999)
+    if not tag_dir(tag).is_dir():
+        raise RoundError(f"tag {tag!r} has no round or baseline to wait for")
+    deadline = now() + timeout
+    holder = lock_holder(tag)
+    while holder and now() < deadline:
+        time.sleep(max(0.0, min(0.5, deadline - now())))
+        holder = lock_holder(tag)
+    path, led = current_ledger(tag)
+    rec = current_driver(tag)
+    if holder:
+        pid = holder[0] or "?"
+        if led and unfinished(led):
+            cands = led.get("candidates", [])
+            done = sum(1 for c in cands if c.get("result"))
+            print(f"{path.stem} of tag {tag} is still running after {timeout}s ({led.get('status')}, {done} of "
+                  f"{len(cands)} job(s) ended; driver pid {pid}): run `make round-wait TAG={tag}` again; "
+                  "`make status` shows its jobs")
+        else:
+            print(f"a driver of tag {tag} (pid {pid}) is still starting after {timeout}s (no ledger yet): run "
+                  f"`make round-wait TAG={tag}` again")
+        return WAIT_RUNNING
+    if rec and not (tag_dir(tag) / f"{rec['ledger']}.json").exists():
+        print(f"{rec['ledger']} of tag {tag}: {exited(rec)} before the round started; log {rec['log']}; fix the "
+              f"cause and rerun: {rec.get('command')}")
+        return 1
+    if led is None:
+        raise RoundError(f"tag {tag!r} has no round or baseline to wait for")
+    logp = f"; log {rec['log']}" if rec and rec["ledger"] == path.stem else ""
+    if unfinished(led):
+        why = f" ({exited(rec)})" if logp else ""
+        print(f"{path.stem} of tag {tag} is unfinished ({led.get('status')}) and no driver is running{why}{logp}; "
+              f"rerun to resume it: {rerun_command(led['kind'], tag, led['spec'])} (or abandon it: python "
+              f"tools/round.py abandon --tag {tag})")
+        return 1
+    if led.get("status") != "done":
+        print(f"{path.stem} of tag {tag} was abandoned")
+        return 1
+    print_report(led)
+    return 0
+
+
+def stop_driver(tag, timeout=300):
+    """SIGTERM the driver running on the tag (it cancels its jobs, as Ctrl-C does) and wait until it has exited."""
+    holder = lock_holder(tag)
+    if holder is None:
+        return
+    pid, role = holder
+    if not pid or role not in ("round", "baseline"):
+        raise RoundError(f"another {role} on tag {tag!r} is running" + (f" (pid {pid})" if pid else "")
+                         + "; wait for it, then rerun abandon")
+    log(f"stopping the running {role} driver of tag {tag} (pid {pid}) with SIGTERM; it cancels its jobs")
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        raise RoundError(f"cannot signal the driver of tag {tag!r} (pid {pid}): not yours") from None
+    deadline = now() + timeout
+    while lock_holder(tag) is not None:
+        if now() > deadline:
+            raise RoundError(f"the driver of tag {tag!r} (pid {pid}) is still running {timeout}s after SIGTERM; "
+                             f"`kill {pid}` again or wait, then rerun abandon")
+        time.sleep(0.2)
+
+
+def abandon_label(tag, n):
+    """`<N>-abandoned`, `<N>-abandoned-2`, ...: the first label whose archived ledger does not exist."""
+    k = 1
+    while True:
+        label = f"{n}-abandoned" + (f"-{k}" if k > 1 else "")
+        if not (tag_dir(tag) / f"r{label}.json").exists():
+            return label
+        k += 1
+
+
+def record_finished(led, label):
+    """An abandoned ledger is never finalized: rows for its jobs that ended but were never recorded (their
+    time was paid for): discard with a result, else crash."""
+    spec, tag = led["spec"], led["tag"]
+    prices, _ = load_prices()
+    price = price_of(prices, spec["backend"], spec["gpu"]) or 0.0
+    todo = [c for c in led["candidates"] if c.get("result") and not c.get("recorded")]
+    rows = []
+    for c in todo:
+        res = c["result"]
+        wall = wall_seconds(led.get("overhead_s"), c)
+        if res.get("ok"):
+            status, desc = "discard", f"{c['description']} (abandoned)"
+        else:
+            status, desc = "crash", f"{c['description']} -- crash: {res.get('error') or c.get('state') or 'unknown'}"
+        rows.append(R.make_row(res, commit=short(c["commit"]), status=status, description=desc, round=label,
+                               candidate=c["name"], backend=spec["backend"],
+                               gpu=gpu_key(res.get("gpu"), prices) or spec["gpu"],
+                               profile=res.get("profile") or spec["profile"], job_id=c.get("job_id"), wall_s=wall,
+                               cost_usd=wall / 3600 * price, overrides=c.get("typed") or c.get("overrides") or {},
+                               tag=tag))
+    if rows:
+        R.append_rows(RESULTS_TSV, rows)
+    for c in todo:
+        c["recorded"] = True
+
+
+def abandon_ledger(tag, path, led):
+    """Cancel the ledger's jobs and close it. A round's ledger r<N>.json is archived as r<N>-abandoned.json
+    (its rows in results.tsv get round `<N>-abandoned`, its log and winner ref the same suffix), so the next
+    round is N again and uses the candidate branches prepared for N. Each step is idempotent: an abandon
+    that dies half-way is simply run again."""
+    backend = Backend(led["spec"]["backend"], tag)
+    ids = [c["job_id"] for c in led["candidates"] if c.get("job_id") and not c.get("result")]
+    if led.get("kind") == "baseline":
+        label = led.get("round_label", path.stem)
+        backend.cancel(ids)
+        cancel_candidates(path, led, "abandoned")
+        record_finished(led, label)
+        led["status"], led["abandoned"] = "abandoned", iso()
+        write_json(path, led)
+        log(f"abandoned {path.stem} of tag {tag}; cancelled {len(ids)} job(s)")
+        return
+    n = led["round"]
+    label = led.get("abandon_label") or abandon_label(tag, n)
+    if led.get("abandon_label") != label:
+        led["abandon_label"] = label
+        write_json(path, led)
+    backend.cancel(ids)
+    cancel_candidates(path, led, "abandoned", label=label)
+    record_finished(led, label)
+    relabelled = R.relabel_round(RESULTS_TSV, tag, str(n), label)  # e.g. rows of an earlier interrupt
+    old_ref = f"refs/autoresearch/{tag}/r{n}"
+    sha = rev(old_ref)
+    if sha:
+        git("update-ref", f"refs/autoresearch/{tag}/r{label}", sha)
+        git("update-ref", "-d", old_ref, sha)
+    led["status"], led["abandoned"], led["round_label"] = "abandoned", iso(), label
+    archive = tag_dir(tag) / f"r{label}.json"
+    write_json(archive, led)
+    path.unlink()
+    log_file = tag_dir(tag) / f"r{n}.log"
+    if log_file.exists():
+        os.replace(log_file, tag_dir(tag) / f"r{label}.log")
+    log(f"abandoned round {n} of tag {tag}; cancelled {len(ids)} job(s); its ledger is now {rel(archive)} and its "
+        f"results.tsv rows are round {label}" + (f" ({relabelled} relabelled)" if relabelled else ""))
+    log(f"the next round is {n} again: candidate branches autoresearch/{tag}-r{n}-c1.. (as prepared), or SWEEP=...")
+
+
 def cmd_abandon(args):
     tag = validate_tag(args.tag)
-    with tag_lock(tag):
+    stop_driver(tag)
+    with tag_lock(tag, "abandon"):
         found = False
         for prefix in ("r", "b"):
             for _, p in ledgers(tag, prefix):
                 led = read_json(p)
-                if led and led.get("status") not in ("done", "abandoned"):
+                if led and unfinished(led):
                     found = True
-                    backend = Backend(led["spec"]["backend"], tag)
-                    ids = [c["job_id"] for c in led["candidates"] if c.get("job_id") and not c.get("result")]
-                    backend.cancel(ids)
-                    cancel_candidates(p, led, "abandoned")
-                    led["status"], led["abandoned"] = "abandoned", iso()
-                    write_json(p, led)
-                    log(f"abandoned {p.stem} of tag {tag}; cancelled {len(ids)} job(s)")
+                    abandon_ledger(tag, p, led)
+        rec = driver_record(tag)
+        if rec and not (tag_dir(tag) / f"{rec.get('ledger')}.json").exists():
+            (tag_dir(tag) / DRIVER).unlink(missing_ok=True)  # it named the archived ledger, or one never written
         if not found:
             log(f"no unfinished round for tag {tag}")
     return 0
@@ -1336,31 +1796,46 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     env = os.environ.get
-    for name in ("round", "baseline", "status", "abandon"):
-        p = sub.add_parser(name)
+    helps = {"round": "one round of K experiments (--detach: run it in the background)",
+             "baseline": "run the best REPEATS times; stores the noise sigma (--detach: in the background)",
+             "status": "unfinished rounds: their jobs, whether their driver runs, its log; the spend",
+             "wait": "wait for the tag's round or baseline to end, at most --timeout seconds (exit 3: still running)",
+             "abandon": "stop the tag's driver, cancel its unfinished round's jobs and close it"}
+    for name in ("round", "baseline", "status", "wait", "abandon"):
+        p = sub.add_parser(name, help=helps[name])
         p.add_argument("--tag", default=env("AR_ROUND_TAG") or None)
         if name in ("round", "baseline"):
             p.add_argument("--backend", default=env("AR_ROUND_BACKEND") or None)
+            p.add_argument("--detach", nargs="?", const="1", default=env("AR_ROUND_DETACH") or None,
+                           help="1: check everything here, then run detached (own session, log under the state "
+                           "dir); prints the log path and exits 0")
+        if name == "wait":
+            p.add_argument("--timeout", default=env("AR_ROUND_TIMEOUT") or None,
+                           help="seconds, 0 to 9999 (default 100)")
         if name == "round":
             p.add_argument("--k", default=env("AR_ROUND_K") or None)
             p.add_argument("--sweep", default=env("AR_ROUND_SWEEP") or None)
         if name == "baseline":
             p.add_argument("--repeats", default=env("AR_ROUND_REPEATS") or None)
     args = ap.parse_args(argv)
+    commands = {"round": cmd_round, "baseline": cmd_baseline, "status": cmd_status, "wait": cmd_wait,
+                "abandon": cmd_abandon}
     try:
-        commands = {"round": cmd_round, "baseline": cmd_baseline, "status": cmd_status, "abandon": cmd_abandon}
-        return commands[args.cmd](args)
+        rc = commands[args.cmd](args)
     except UsageError as e:
         log(f"error: {e}")
-        return 2
+        rc = 2
     except RoundError as e:
         log(f"error: {e}")
-        return 1
+        rc = 1
     except Interrupted:
-        return 130
+        rc = 130
     except KeyboardInterrupt:
         log("interrupted")
-        return 130
+        rc = 130
+    if DETACHED:  # the detached driver's last line in its log
+        print(f"=== {iso()} detached driver pid {os.getpid()} exits {rc} ===", flush=True)
+    return rc
 
 
 if __name__ == "__main__":
