@@ -268,13 +268,14 @@ GIT_SUBCOMMANDS = {"switch", "commit", "show", "log", "status", "rebase", "merge
                    "restore", "checkout", "archive", "rev-parse"}
 VESSLCTL = {("auth", "login"), ("auth", "status"), ("volume", "create")}  # not installable here: exact allowlist
 PLAIN_TOOLS = {"nvidia-smi", "tail", "mkdir", "cat", "export", "pip"}
-COMMAND_WORDS = {"make", "git", "vesslctl", "sky", "modal", ".venv/bin/modal", ".venv/bin/python", "python",
-                 "setsid", "nohup"} | PLAIN_TOOLS
+# no setsid/nohup: a round that outlives the agent's shell tool is `make round ... DETACH=1`
+COMMAND_WORDS = {"make", "git", "vesslctl", "sky", "modal", ".venv/bin/modal", ".venv/bin/python", "python"} \
+    | PLAIN_TOOLS
 
 
 def _segments(line):
     """Simple commands of a shell line as word lists: split on && || ; | & and $( ), with comments,
-    redirections, leading VAR=value assignments and setsid/nohup dropped. `[optional args]` of a
+    redirections and leading VAR=value assignments dropped. `[optional args]` of a
     synopsis are dropped first."""
     line = re.sub(r"\s\[[^\]]*\]", "", line)
     line = re.sub(r"<[A-Za-z][\w .-]*>", "X", line)  # placeholders like <tag>, <job id> are words, not redirections
@@ -291,7 +292,7 @@ def _segments(line):
         elif re.fullmatch(r"[<>]+&?", tok):
             skip = True  # a redirection and its target
         elif re.fullmatch(r"[;&|()]+", tok):
-            while words and (re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", words[0]) or words[0] in ("setsid", "nohup")):
+            while words and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", words[0]):
                 words.pop(0)
             if words:
                 out.append(words)
@@ -460,7 +461,8 @@ def test_the_prompts_cover_their_topics():
                  "logs.sh", "Simplicity"):
         assert word in text["program.md"], word
     for word in ("SWEEP", "autoresearch/<tag>-r<N>-c", "delta_vs_best", "make baseline REPEATS=2", "abandon",
-                 "make promote TOP=2 GPU=H200", "AR_BUDGET_USD", "make status", "make results", "make plot"):
+                 "make promote TOP=2 GPU=H200", "AR_BUDGET_USD", "make status", "make results", "make plot",
+                 "DETACH=1", "make round-wait TIMEOUT=", "round is N again"):
         assert word in text["fanout.md"], word
     for name, backend in (("vessl.md", "vessl"), ("sky.md", "sky"), ("modal.md", "modal")):
         assert f"make round K=4 BACKEND={backend}" in text[name] and "make baseline" in text[name], name
