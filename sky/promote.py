@@ -31,7 +31,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -165,8 +164,7 @@ def main(argv=None):
     for c in plan:
         rec = records.get(c["job_id"]) or dict(ok=False, error="no result from wait-jobs.sh", state=None)
         c.update(result=rec, finished_at=arrivals.get(c["job_id"], time.time()))
-        ctx = SimpleNamespace(overheads=overheads, backend_name="sky")
-        wall = RD.wall_seconds(ctx, c)
+        wall = RD.wall_seconds(overheads.get("sky", 0), c)
         got_gpu = RD.gpu_key(rec.get("gpu"), prices) if rec.get("gpu") not in (None, "cpu") else None
         row_gpu = got_gpu or gpu
         row_price = RD.price_of(prices, "sky", row_gpu)
