@@ -253,6 +253,98 @@ ar_timeout_s() {  # ar_timeout_s DEFAULT -- $AR_TIMEOUT_S validated, else DEFAUL
     echo "$t"
 }
 
+# ---- the wait loop -------------------------------------------------------------------------------
+# The skeleton of every wait-jobs.sh; the backend supplies how to refresh and how to cancel.
+AR_SIGNAL=""       # INT or TERM once one came (ar_trap_signals)
+AR_WAIT_FAILED=0   # 1 once a waited job ended other than succeeded (ar_wait_loop)
+declare -A AR_WAIT_STUCK=()
+ar_trap_signals() {  # remember SIGINT/SIGTERM in AR_SIGNAL; install it first (bash drops a SIGINT that
+    # arrives while it waits on a child before any trap is set)
+    trap 'AR_SIGNAL=INT' INT
+    trap 'AR_SIGNAL=TERM' TERM
+}
+ar_collect_jobs() {  # ar_collect_jobs ROOT HINT ID... -- AR_IDS, AR_DIRS: the distinct ids and their
+    # records (exit 2, one line, for an unknown id; HINT is added to that message)
+    local root=$1 hint=$2 id
+    shift 2
+    AR_IDS=() AR_DIRS=()
+    for id in "$@"; do
+        [[ " ${AR_IDS[*]} " == *" $id "* ]] && continue
+        AR_DIRS+=("$(ar_job_dir "$root" "$id" "$hint")")
+        AR_IDS+=("$id")
+    done
+}
+# ar_wait_loop TIMEOUT POLL_S REFRESH CANCEL -- wait for the jobs AR_IDS / AR_DIRS. Backend-specific:
+#   REFRESH DIR...           bring these records up to date (before the first look and after every
+#                            sleep; never once a signal came). Not reaching the backend is its to
+#                            report: the loop looks again after the next sleep.
+#   CANCEL TO REASON DIR...  cancel these unfinished jobs (-> TO: cancelled or timeout). A job it could
+#                            not stop goes in AR_WAIT_STUCK[<id>]=<message>: its block says so.
+# Logs each state change on stderr, prints each job's block (ar_print_block) on stdout once it ends,
+# cancels what is left at the deadline (-> timeout) or on a signal (-> cancelled). A job not ended after
+# three cancel passes is reported stuck. Then `ar_wait_exit`.
+ar_wait_loop() {
+    local timeout=$1 poll=$2 refresh_fn=$3 cancel_fn=$4 deadline k id dir st reason="" to="" passes=0
+    local -a pending still live
+    local -A seen=()
+    deadline=$((SECONDS + timeout))
+    pending=("${!AR_IDS[@]}")
+    live=()
+    for k in "${pending[@]}"; do ar_is_terminal "$(ar_state "${AR_DIRS[k]}")" || live+=("${AR_DIRS[k]}"); done
+    [[ -n $AR_SIGNAL || ${#live[@]} -eq 0 ]] || "$refresh_fn" "${live[@]}"
+    while :; do
+        still=()
+        for k in "${pending[@]}"; do
+            id=${AR_IDS[k]} dir=${AR_DIRS[k]}
+            st=$(ar_state "$dir")
+            if [[ ${seen[$id]:-} != "$st" ]]; then
+                ar_log "$id: ${seen[$id]:-submitted} -> $st"
+                seen[$id]=$st
+            fi
+            if ar_is_terminal "$st"; then
+                ar_print_block "$id" "$st" "$dir/log" "$dir/result.json"
+                [[ $st == succeeded ]] || AR_WAIT_FAILED=1
+            elif [[ -n ${AR_WAIT_STUCK[$id]:-} ]]; then
+                printf '=== %s (%s) ===\n%s\n' "$id" "${to:-cancelled}" "${AR_WAIT_STUCK[$id]}"
+                ar_log "$id: NOT stopped: ${AR_WAIT_STUCK[$id]}"
+                AR_WAIT_FAILED=1
+            else
+                still+=("$k")
+            fi
+        done
+        pending=("${still[@]}")
+        ((${#pending[@]})) || break
+        live=()
+        for k in "${pending[@]}"; do live+=("${AR_DIRS[k]}"); done
+        if [[ -n $AR_SIGNAL ]]; then
+            to=cancelled reason="wait-jobs.sh got SIG$AR_SIGNAL"
+        elif ((SECONDS >= deadline)); then
+            to=timeout reason="wait-jobs.sh deadline of ${timeout}s (AR_TIMEOUT_S) passed"
+        fi
+        if [[ -n $reason ]]; then
+            if ((passes++ >= 3)); then  # cancelled three times and still not ended: give up on them
+                for k in "${pending[@]}"; do
+                    AR_WAIT_STUCK[${AR_IDS[k]}]="[$AR_PROG] could not cancel it, it may still be running: run $(basename "$(dirname "$0")")/cancel-jobs.sh ${AR_IDS[k]}"
+                done
+                continue
+            fi
+            ar_log "$reason: cancelling ${#pending[@]} job(s)"
+            "$cancel_fn" "$to" "$reason" "${live[@]}"
+            ((passes > 1)) || continue  # print what the first pass ended at once
+        fi
+        sleep "$poll" &
+        wait $! || true
+        [[ -n $AR_SIGNAL ]] || "$refresh_fn" "${live[@]}"
+    done
+}
+ar_wait_exit() {  # the exit of wait-jobs.sh: 130 / 143 after a signal, else 1 if a job did not succeed
+    case $AR_SIGNAL in
+        INT) exit 130 ;;
+        TERM) exit 143 ;;
+    esac
+    exit "$AR_WAIT_FAILED"
+}
+
 # ---- output --------------------------------------------------------------------------------------
 # ar_print_block ID STATE LOG RESULT_JSON -- one wait-jobs.sh block. A succeeded job prints the
 # trainer's summary verbatim from LOG (`---` through `AR_RESULT_JSON:`), else rebuilt from

@@ -31,19 +31,16 @@ source "$here/_lib.sh"
 source "$here/_vessl.sh"
 AR_PROG=wait-jobs.sh
 
+ar_trap_signals  # first: a signal during the setup below still cancels
+
 ar_parse_ids "$@"
 ar_need jq flock
 root=$(ar_state_root "$repo" vessl)
-ids=() dirs=()
-for id in "$@"; do
-    dir=$(ar_job_dir "$root" "$id" "not submitted from this state dir: ${root%/vessl}")
-    [[ " ${ids[*]} " == *" $id "* ]] && continue
-    ids+=("$id") dirs+=("$dir")
-done
+ar_collect_jobs "$root" "not submitted from this state dir: ${root%/vessl}" "$@"
 
 # Default deadline: the longest profile among the jobs that have not ended (prep jobs: 2 hours).
 budget=0 open=0 prep=0
-for dir in "${dirs[@]}"; do
+for dir in "${AR_DIRS[@]}"; do
     ar_is_terminal "$(ar_state "$dir")" && continue
     open=$((open + 1))
     IFS=$'\t' read -r profile mode < <(ar_meta "$dir" '[.env.AR_PROFILE // "", .mode // "train"] | @tsv')
@@ -60,70 +57,32 @@ if ((open > 0)); then
     vs_need_cli
     vs_auth_check
 fi
-ar_log "waiting for ${#ids[@]} job(s), up to ${timeout}s"
+ar_log "waiting for ${#AR_IDS[@]} job(s), up to ${timeout}s"
 
-signal=""
-trap 'signal=INT' INT
-trap 'signal=TERM' TERM
-deadline=$((SECONDS + timeout))
-declare -A seen=() errors=()
-pending=("${!ids[@]}")
-failed=0
-while :; do
-    still=()
-    for k in "${pending[@]}"; do
-        id=${ids[k]} dir=${dirs[k]}
+declare -A errors=()
+# shellcheck disable=SC2329  # refresh and cancel are called by ar_wait_loop
+refresh() {  # poll VESSL for each job; report a failing poll now and then, and keep trying
+    local dir id
+    for dir in "$@"; do
+        id=$(basename "$dir")
         if vs_poll "$dir"; then
             errors[$id]=0
         else
             errors[$id]=$((${errors[$id]:-0} + 1))
             (((errors[$id] - 1) % 20 == 0)) && ar_log "$id: $VS_ERR (will retry)"
         fi
-        st=$(ar_state "$dir")
-        if [[ ${seen[$id]:-} != "$st" ]]; then
-            ar_log "$id: ${seen[$id]:-submitted} -> $st"
-            seen[$id]=$st
-        fi
-        if ar_is_terminal "$st"; then
-            ar_print_block "$id" "$st" "$dir/log" "$dir/result.json"
-            [[ $st == succeeded ]] || failed=1
-        else
-            still+=("$k")
-        fi
     done
-    pending=("${still[@]}")
-    ((${#pending[@]})) || break
-    reason=""
-    if [[ -n $signal ]]; then
-        to=cancelled reason="wait-jobs.sh got SIG$signal"
-    elif ((SECONDS >= deadline)); then
-        to=timeout reason="wait-jobs.sh deadline of ${timeout}s (AR_TIMEOUT_S) passed"
-    fi
-    if [[ -n $reason ]]; then
-        ar_log "$reason: terminating ${#pending[@]} job(s)"
-        still=() progress=0
-        for k in "${pending[@]}"; do
-            rc=0
-            vs_cancel "${dirs[k]}" "$to" "$reason" || rc=$?
-            if ((rc == 2)); then  # terminate failed: reported, and the record stays open for cancel-jobs.sh
-                ar_log "${ids[k]}: NOT terminated; run batch-job/cancel-jobs.sh ${ids[k]}"
-                printf '=== %s (%s) ===\n[ar-vessl] vesslctl job terminate failed; the job may still be running\n' "${ids[k]}" "$to"
-                failed=1
-            else
-                still+=("$k")
-                ((rc != 0)) || progress=1
-            fi
-        done
-        pending=("${still[@]}")
-        ((${#pending[@]})) || break
-        ((progress == 0)) || continue  # print the blocks of what was just terminated
-    fi
-    sleep "$poll" &
-    wait $! || true
-done
-
-case $signal in
-    INT) exit 130 ;;
-    TERM) exit 143 ;;
-esac
-exit "$failed"
+    return 0
+}
+# shellcheck disable=SC2329
+cancel() {  # terminate each job; one whose terminate failed stays open for cancel-jobs.sh
+    local to=$1 reason=$2 dir rc
+    shift 2
+    for dir in "$@"; do
+        rc=0
+        vs_cancel "$dir" "$to" "$reason" || rc=$?
+        ((rc != 2)) || AR_WAIT_STUCK[$(basename "$dir")]="[ar-vessl] vesslctl job terminate failed; the job may still be running: run batch-job/cancel-jobs.sh $(basename "$dir")"
+    done
+}
+ar_wait_loop "$timeout" "$poll" refresh cancel
+ar_wait_exit

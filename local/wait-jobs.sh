@@ -26,24 +26,15 @@ source "$here/_lib.sh"
 # shellcheck source=local/_local.sh
 source "$here/_local.sh"
 AR_PROG=wait-jobs.sh
-# Traps first: bash drops a SIGINT that arrives while it waits on a child before any trap is set.
-signal=""
-trap 'signal=INT' INT
-trap 'signal=TERM' TERM
+ar_trap_signals  # first: a signal during the setup below still cancels
 
 ar_parse_ids "$@"
 ar_need jq flock
-root=$(ar_state_root "$repo" local)
-ids=() dirs=()
-for id in "$@"; do
-    dir=$(ar_job_dir "$root" "$id")
-    [[ " ${ids[*]} " == *" $id "* ]] && continue
-    ids+=("$id") dirs+=("$dir")
-done
+ar_collect_jobs "$(ar_state_root "$repo" local)" "" "$@"
 
 # Default deadline: the longest profile among the unfinished jobs, times the waves of slots.
 budget=0 open=0 slots=""
-for dir in "${dirs[@]}"; do
+for dir in "${AR_DIRS[@]}"; do
     al_reap "$dir"
     ar_is_terminal "$(ar_state "$dir")" && continue
     open=$((open + 1))
@@ -55,49 +46,19 @@ for dir in "${dirs[@]}"; do
 done
 waves=$(( open > 0 ? (open + ${slots:-1} - 1) / ${slots:-1} : 1 ))
 timeout=$(ar_timeout_s $(( (3 * budget + 600) * waves )))
-ar_log "waiting for ${#ids[@]} job(s), up to ${timeout}s"
+ar_log "waiting for ${#AR_IDS[@]} job(s), up to ${timeout}s"
 
-deadline=$((SECONDS + timeout))
-declare -A seen=()
-pending=("${!ids[@]}")
-failed=0
-while :; do
-    still=()
-    for k in "${pending[@]}"; do
-        id=${ids[k]} dir=${dirs[k]}
-        al_reap "$dir"
-        st=$(ar_state "$dir")
-        if [[ ${seen[$id]:-} != "$st" ]]; then
-            ar_log "$id: ${seen[$id]:-submitted} -> $st"
-            seen[$id]=$st
-        fi
-        if ar_is_terminal "$st"; then
-            ar_print_block "$id" "$st" "$dir/log" "$dir/result.json"
-            [[ $st == succeeded ]] || failed=1
-        else
-            still+=("$k")
-        fi
-    done
-    pending=("${still[@]}")
-    ((${#pending[@]})) || break
-    reason=""
-    if [[ -n $signal ]]; then
-        to=cancelled reason="wait-jobs.sh got SIG$signal"
-    elif ((SECONDS >= deadline)); then
-        to=timeout reason="wait-jobs.sh deadline of ${timeout}s (AR_TIMEOUT_S) passed"
-    fi
-    if [[ -n $reason ]]; then
-        ar_log "$reason: cancelling ${#pending[@]} job(s)"
-        for k in "${pending[@]}"; do al_cancel "${dirs[k]}" "$to" "$reason" || true; done
-        for k in "${pending[@]}"; do al_wait_gone "${dirs[k]}" || true; done
-        continue
-    fi
-    sleep "${AR_LOCAL_POLL_S:-1}" &
-    wait $! || true
-done
-
-case $signal in
-    INT) exit 130 ;;
-    TERM) exit 143 ;;
-esac
-exit "$failed"
+# shellcheck disable=SC2329  # refresh and cancel are called by ar_wait_loop
+refresh() {  # a job whose processes are all gone is failed
+    local dir
+    for dir in "$@"; do al_reap "$dir"; done
+}
+# shellcheck disable=SC2329
+cancel() {  # cancel TO REASON DIR...: SIGTERM each job's process group, then wait until it is gone
+    local to=$1 reason=$2 dir
+    shift 2
+    for dir in "$@"; do al_cancel "$dir" "$to" "$reason" || true; done
+    for dir in "$@"; do al_wait_gone "$dir" || true; done
+}
+ar_wait_loop "$timeout" "${AR_LOCAL_POLL_S:-1}" refresh cancel
+ar_wait_exit

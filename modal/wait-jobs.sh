@@ -11,9 +11,10 @@
 # stderr: timestamped state changes.
 # Jobs still queued or running at the deadline are cancelled with FunctionCall.cancel (-> timeout);
 # SIGINT / SIGTERM cancel every unfinished job (-> cancelled).
-# Exit: 0 all succeeded, 1 some did not, 2 usage error or unknown id, 3 Modal unavailable (or a
-#       cancel that kept failing: run cancel-jobs.sh on the ids it names), 130/143 interrupted
-#       (after cancelling).
+# A job whose cancel kept failing (three tries) is reported in its block with the cancel-jobs.sh
+# command to run.
+# Exit: 0 all succeeded, 1 some did not (or could not be cancelled), 2 usage error or unknown id,
+#       3 Modal unavailable, 130/143 interrupted (after cancelling).
 #
 # Env: AR_TIMEOUT_S  seconds before the rest is cancelled; default 3 x the profile's budget + 600
 #                    (full 1500, tiny 660, smoke 615; no profile: full) -- Modal runs calls at once.
@@ -28,27 +29,19 @@ source "$here/_lib.sh"
 # shellcheck source=modal/_modal.sh
 source "$here/_modal.sh"
 AR_PROG=wait-jobs.sh
-signal=""  # from the start: a signal during the first poll still cancels (the loop checks it)
-trap 'signal=INT' INT
-trap 'signal=TERM' TERM
+ar_trap_signals  # first: a signal during the first poll below still cancels
 
 ar_parse_ids "$@"
 ar_need jq
-root=$(ar_state_root "$repo" modal)
-ids=() dirs=()
-for id in "$@"; do
-    dir=$(ar_job_dir "$root" "$id")
-    [[ " ${ids[*]} " == *" $id "* ]] && continue
-    ids+=("$id") dirs+=("$dir")
-done
+ar_collect_jobs "$(ar_state_root "$repo" modal)" "" "$@"
 poll=${AR_MODAL_POLL_S:-10}
 [[ $poll =~ ^[0-9]+([.][0-9]+)?$ ]] || ar_die 2 "bad AR_MODAL_POLL_S '$poll': a number of seconds"
 python=$(am_python "$repo")
 
 open_ids() {  # the ids whose record is not terminal yet
     local k
-    for k in "${!ids[@]}"; do
-        ar_is_terminal "$(ar_state "${dirs[k]}")" || printf '%s\n' "${ids[k]}"
+    for k in "${!AR_IDS[@]}"; do
+        ar_is_terminal "$(ar_state "${AR_DIRS[k]}")" || printf '%s\n' "${AR_IDS[k]}"
     done
 }
 mapfile -t open < <(open_ids)
@@ -60,60 +53,28 @@ fi
 
 # Default deadline: the longest profile among the unfinished jobs (calls do not queue behind each other).
 budget=0
-for dir in "${dirs[@]}"; do
+for dir in "${AR_DIRS[@]}"; do
     ar_is_terminal "$(ar_state "$dir")" && continue
     b=$(ar_profile_budget "$(jq -r '.env.AR_PROFILE // ""' "$dir/meta.json")")
     ((b > budget)) && budget=$b
 done
 timeout=$(ar_timeout_s $(( 3 * budget + 600 )))
-ar_log "waiting for ${#ids[@]} job(s), up to ${timeout}s"
+ar_log "waiting for ${#AR_IDS[@]} job(s), up to ${timeout}s"
 
-deadline=$((SECONDS + timeout))
-declare -A seen=()
-pending=("${!ids[@]}")
-failed=0 cancel_rounds=0
-while :; do
-    still=()
-    for k in "${pending[@]}"; do
-        id=${ids[k]} dir=${dirs[k]}
-        st=$(ar_state "$dir")
-        if [[ ${seen[$id]:-} != "$st" ]]; then
-            ar_log "$id: ${seen[$id]:-submitted} -> $st"
-            seen[$id]=$st
-        fi
-        if ar_is_terminal "$st"; then
-            ar_print_block "$id" "$st" "$dir/log" "$dir/result.json"
-            [[ $st == succeeded ]] || failed=1
-        else
-            still+=("$k")
-        fi
-    done
-    pending=("${still[@]}")
-    ((${#pending[@]})) || break
-    left=()
-    for k in "${pending[@]}"; do left+=("${ids[k]}"); done
-    reason=""
-    if [[ -n $signal ]]; then
-        to=cancelled reason="wait-jobs.sh got SIG$signal"
-    elif ((SECONDS >= deadline)); then
-        to=timeout reason="wait-jobs.sh deadline of ${timeout}s (AR_TIMEOUT_S) passed"
-    fi
-    if [[ -n $reason ]]; then
-        if ((cancel_rounds++ >= 3)); then
-            ar_die 3 "could not cancel ${left[*]} on Modal; run: modal/cancel-jobs.sh ${left[*]}"
-        fi
-        ar_log "$reason: cancelling ${#left[@]} job(s)"
-        am_client "$python" cancel --quiet --to "$to" --reason "$reason" "${left[@]}" || sleep 2
-        continue
-    fi
-    sleep "$poll" &
-    wait $! || true
-    [[ -n $signal ]] && continue
-    am_client "$python" poll "${left[@]}" || ar_warn "could not reach Modal this time; trying again"
-done
-
-case $signal in
-    INT) exit 130 ;;
-    TERM) exit 143 ;;
-esac
-exit "$failed"
+first=1
+# shellcheck disable=SC2329  # refresh and cancel are called by ar_wait_loop
+refresh() {  # one `ar_modal.py poll` for all of them (the first look above already polled once)
+    local dir ids=()
+    if [[ -n $first ]]; then first=""; return 0; fi
+    for dir in "$@"; do ids+=("$(basename "$dir")"); done
+    am_client "$python" poll "${ids[@]}" || ar_warn "could not reach Modal this time; trying again"
+}
+# shellcheck disable=SC2329
+cancel() {
+    local to=$1 reason=$2 dir ids=()
+    shift 2
+    for dir in "$@"; do ids+=("$(basename "$dir")"); done
+    am_client "$python" cancel --quiet --to "$to" --reason "$reason" "${ids[@]}" || sleep 2
+}
+ar_wait_loop "$timeout" "$poll" refresh cancel
+ar_wait_exit

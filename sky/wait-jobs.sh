@@ -33,27 +33,18 @@ source "$here/_lib.sh"
 # shellcheck source=sky/_sky.sh
 source "$here/_sky.sh"
 AR_PROG=wait-jobs.sh
-# Traps first: bash drops a SIGINT that arrives while it waits on a child before any trap is set.
-signal=""
-trap 'signal=INT' INT
-trap 'signal=TERM' TERM
+ar_trap_signals  # first: a signal during the setup below still cancels
 
 ar_parse_ids "$@"
 ar_need jq flock timeout
-root=$(ar_state_root "$repo" sky)
-ids=() dirs=()
-for id in "$@"; do
-    dir=$(ar_job_dir "$root" "$id")
-    [[ " ${ids[*]} " == *" $id "* ]] && continue
-    ids+=("$id") dirs+=("$dir")
-done
+ar_collect_jobs "$(ar_state_root "$repo" sky)" "" "$@"
 command -v sky >/dev/null 2>&1 || ar_die 3 "'sky' not found: pip install skypilot (then run 'sky check')"
 
 # Default deadline: the longest profile among the unfinished jobs, times the longest cluster queue
 # (managed jobs: the waves their pool's cap makes, plus time to provision and recover).
 budget=0 waves=1 extra=0
 declare -A per_key=()
-for dir in "${dirs[@]}"; do
+for dir in "${AR_DIRS[@]}"; do
     ar_is_terminal "$(ar_state "$dir")" && continue
     IFS='|' read -r profile key cap < <(ar_meta "$dir" \
         '[.env.AR_PROFILE // "", (if .managed then "managed:" + .pool else .cluster end), (if .managed then .max_in_flight else 1 end)]
@@ -67,56 +58,25 @@ for dir in "${dirs[@]}"; do
 done
 ((budget > 0)) || budget=300
 timeout=$(ar_timeout_s $(( (3 * budget + 600) * waves + extra )))
-ar_log "waiting for ${#ids[@]} job(s), up to ${timeout}s"
+ar_log "waiting for ${#AR_IDS[@]} job(s), up to ${timeout}s"
 
-deadline=$((SECONDS + timeout))
-declare -A seen=()
-pending=("${!ids[@]}")
-failed=0 cancel_rc=0
-while :; do
-    still=()
-    sk_mq_forget  # one `sky jobs queue` listing per poll serves every managed job
-    for k in "${pending[@]}"; do
-        id=${ids[k]} dir=${dirs[k]}
-        [[ -n $signal ]] || sk_refresh "$dir"
-        st=$(ar_state "$dir")
-        if [[ ${seen[$id]:-} != "$st" ]]; then
-            ar_log "$id: ${seen[$id]:-submitted} -> $st"
-            seen[$id]=$st
-        fi
-        if ar_is_terminal "$st"; then
-            ar_print_block "$id" "$st" "$dir/log" "$dir/result.json"
-            [[ $st == succeeded ]] || failed=1
-        else
-            still+=("$k")
-        fi
-    done
-    pending=("${still[@]}")
-    ((${#pending[@]})) || break
-    reason=""
-    if [[ -n $signal ]]; then
-        to=cancelled reason="wait-jobs.sh got SIG$signal"
-    elif ((SECONDS >= deadline)); then
-        to=timeout reason="wait-jobs.sh deadline of ${timeout}s (AR_TIMEOUT_S) passed"
-    fi
-    if [[ -n $reason ]]; then
-        ar_log "$reason: cancelling ${#pending[@]} job(s)"
-        todo=()
-        for k in "${pending[@]}"; do todo+=("${dirs[k]}"); done
-        while IFS= read -r d; do
-            rc=0
-            sk_cancel "$d" "$to" "$reason" || rc=$?
-            ((rc != 4)) || cancel_rc=1
-        done < <(sk_cancel_order "${todo[@]}")
-        continue
-    fi
-    sleep "${AR_SKY_POLL_S:-10}" &
-    wait $! || true
-done
-((cancel_rc == 0)) || ar_warn "some cancels could not be confirmed (see above); check with: sky queue"
-
-case $signal in
-    INT) exit 130 ;;
-    TERM) exit 143 ;;
-esac
-exit "$failed"
+cancel_rc=0
+# shellcheck disable=SC2329  # refresh and cancel are called by ar_wait_loop
+refresh() {  # one `sky jobs queue` listing per poll serves every managed job
+    local dir
+    sk_mq_forget
+    for dir in "$@"; do sk_refresh "$dir"; done
+}
+# shellcheck disable=SC2329
+cancel() {  # jobs not yet created first (a freed slot must not launch one), then the others
+    local to=$1 reason=$2 dir rc
+    shift 2
+    while IFS= read -r dir; do
+        rc=0
+        sk_cancel "$dir" "$to" "$reason" || rc=$?
+        ((rc != 4)) || cancel_rc=1
+    done < <(sk_cancel_order "$@")
+}
+ar_wait_loop "$timeout" "${AR_SKY_POLL_S:-10}" refresh cancel
+((cancel_rc == 0)) || ar_warn "some cancels could not be confirmed (see above); check with: sky queue / sky jobs queue"
+ar_wait_exit
