@@ -69,6 +69,16 @@ on_signal() {
 }
 trap on_signal TERM INT HUP
 
+submit_sky() {  # run `sky "${cmd[@]}"` into submit.log (killable by on_signal); sets rc and jid
+    printf '%s sky %s\n' "$(ar_now)" "${cmd[*]}" >>"$dir/submit.log"
+    rc=0
+    sk_sky "${cmd[@]}" </dev/null >>"$dir/submit.log" 2>&1 &
+    child=$!
+    wait "$child" || rc=$?
+    child=""
+    jid=$(sk_submitted_id <"$dir/submit.log")
+}
+
 echo "$$" | ar_write "$dir/pid"  # setsid made this shell the leader of the job's process group
 
 # The job's environment on SkyPilot: effective overrides, forwarded settings, and its identity.
@@ -113,14 +123,8 @@ if sk_managed "$dir"; then
     if [[ $(ar_meta "$dir" .spot) == true ]]; then cmd+=(--use-spot); else cmd+=(--no-use-spot); fi
     recovery=$(ar_meta "$dir" '.recovery // empty')
     [[ -z $recovery ]] || cmd+=(--job-recovery "$recovery")
-    printf '%s sky %s\n' "$(ar_now)" "${cmd[*]}" >>"$dir/submit.log"
     launching=1
-    rc=0
-    sk_sky "${cmd[@]}" </dev/null >>"$dir/submit.log" 2>&1 &
-    child=$!
-    wait "$child" || rc=$?
-    child=""
-    jid=$(sk_submitted_id <"$dir/submit.log")
+    submit_sky
     if [[ -z $jid ]]; then
         ar_meta_set "$dir" '.mode = "managed"'
         exit 0  # no managed job: the next sk_refresh records failed with this output (exit $rc)
@@ -167,13 +171,7 @@ for attempt in 1 2; do
         cmd=(launch -c "$cluster" "${common[@]}" -y -i "$(ar_meta "$dir" .idle_minutes)" --down
             --wait-for jobs ${infra:+--infra "$infra"})
     fi
-    printf '%s sky %s\n' "$(ar_now)" "${cmd[*]}" >>"$dir/submit.log"
-    rc=0
-    sk_sky "${cmd[@]}" </dev/null >>"$dir/submit.log" 2>&1 &
-    child=$!
-    wait "$child" || rc=$?
-    child=""
-    jid=$(sk_submitted_id <"$dir/submit.log")
+    submit_sky
     [[ -z $jid ]] || break
     # An exec can lose a race with the cluster's autodown: launch it again, once.
     [[ $mode == exec && $attempt == 1 ]] || break
