@@ -1,6 +1,7 @@
 """Shared fixtures: the repo path, a prepared data cache, and a helper to run the trainer."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +9,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+# A shell without job control starts background commands with SIGINT ignored, and an ignored signal is
+# inherited across exec and cannot be trapped by bash: the scripts under test would then never see the
+# SIGINT the tests send them. Give the test process (and so every child) a real SIGINT handler.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 PY = sys.executable
 
 
