@@ -302,10 +302,39 @@ vs_ship_entry() {
     VS_CMD="bash $VS_MOUNT/$VS_PREFIX/bin/job-$hash.sh"
 }
 
+# vs_create_guarded ROOT NAME KNOWN_FILE WHAT -- vs_create under an EXIT trap: until vs_handed_out,
+# a failure, SIGINT or SIGTERM of the calling script terminates the job it created (or that appeared
+# around an interrupted create): never an orphan. The trap also removes KNOWN_FILE. WHAT names the
+# caller in the warning. Sets VS_SLUG.
+VS_GUARD_NAME="" VS_GUARD_KNOWN="" VS_GUARD_WHAT="" VS_GUARD_CREATING="" VS_GUARD_CREATED=""
+vs_guard_exit() {
+    local rc=$?
+    if ((rc != 0)) && [[ -z $VS_GUARD_CREATED && -n $VS_GUARD_CREATING ]] \
+        && AR_VESSL_LIST_TRIES=2 vs_find_new_slug "$VS_GUARD_NAME" "$VS_GUARD_KNOWN"; then
+        VS_GUARD_CREATED=$VS_SLUG  # interrupted around create: the job exists after all
+    fi
+    rm -f "$VS_GUARD_KNOWN"
+    if ((rc != 0)) && [[ -n $VS_GUARD_CREATED ]]; then
+        ar_warn "terminating $VS_GUARD_CREATED: $VS_GUARD_WHAT failed after creating it"
+        vs_terminate - "$VS_GUARD_CREATED" \
+            || ar_warn "could not terminate $VS_GUARD_CREATED: $VS_ERR; run 'vesslctl job terminate $VS_GUARD_CREATED'"
+    fi
+}
+vs_create_guarded() {
+    VS_GUARD_NAME=$2 VS_GUARD_KNOWN=$3 VS_GUARD_WHAT=$4 VS_GUARD_CREATED=""
+    trap vs_guard_exit EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+    VS_GUARD_CREATING=1
+    vs_create "$1" "$2" "$3"
+    VS_GUARD_CREATED=$VS_SLUG
+}
+vs_handed_out() { VS_GUARD_CREATED="" VS_GUARD_CREATING=""; }  # the job is recorded: the caller owns it now
+
 # vs_create ROOT NAME KNOWN_FILE -- `vesslctl job create` with VS_CMD, VS_TAGS and VS_JOB_ENV, then
 # the slug: from create's output when it prints JSON with one, else the newest job named NAME that
-# is not in KNOWN_FILE (listed after a delay, so retried). Sets VS_SLUG; exits 3 on failure. The
-# caller's EXIT trap terminates a job that exists after a failure (found the same way).
+# is not in KNOWN_FILE (listed after a delay, so retried). Sets VS_SLUG; exits 3 on failure. Call it
+# through vs_create_guarded, whose EXIT trap terminates a job that exists after a failure.
 vs_create() {
     local root=$1 name=$2 known=$3 args t kv
     args=(job create -n "$name" -r "$VS_SPEC" -i "$VS_IMAGE" --cmd "$VS_CMD"

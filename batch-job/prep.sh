@@ -80,25 +80,9 @@ vs_slugs_in_list "$name" >"$known"
 vs_ship_code "$root" "$repo" "$sha"
 vs_ship_entry "$root" "$here"
 
-created="" creating="" child=""
-# shellcheck disable=SC2329  # invoked by the EXIT trap
-on_exit() {
-    local rc=$?
-    if ((rc != 0)) && [[ -z $created && -n $creating ]] && AR_VESSL_LIST_TRIES=2 vs_find_new_slug "$name" "$known"; then
-        created=$VS_SLUG  # interrupted around create: the job exists after all
-    fi
-    rm -f "$known"
-    if ((rc != 0)) && [[ -n $created ]]; then
-        ar_warn "terminating $created: prep.sh failed after creating it"
-        vs_terminate - "$created" || ar_warn "could not terminate $created: $VS_ERR; run 'vesslctl job terminate $created'"
-    fi
-}
-trap on_exit EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-creating=1
-vs_create "$root" "$name" "$known"
-created=$VS_SLUG slug=$VS_SLUG dir=$root/jobs/$VS_SLUG
+child=""
+vs_create_guarded "$root" "$name" "$known" prep.sh
+slug=$VS_SLUG dir=$root/jobs/$VS_SLUG
 mkdir -p "$dir"
 jq -n '{backend: "vessl", id: $id, slug: $id, name: $name, tag: "prep", commit: $commit, commit_short: $commit[:7],
         env: {AR_PROFILE: $profile}, mode: "prepare", volume: $vol, spec: $spec, image: $image, run: $run,
@@ -109,7 +93,7 @@ jq -n '{backend: "vessl", id: $id, slug: $id, name: $name, tag: "prep", commit: 
     --arg org "${VESSLCTL_ORG:-}" --arg team "${VESSLCTL_TEAM:-}" --arg repo "$repo" --arg now "$(ar_now)" \
     | ar_write "$dir/meta.json"
 echo queued | ar_write "$dir/state"
-created="" creating=""
+vs_handed_out
 exec 9>&-
 ar_warn "$slug: preparing profile $profile${data:+ ($data)} on $VS_VOLUME with $VS_SPEC; waiting (batch-job/logs.sh $slug)"
 

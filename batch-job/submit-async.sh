@@ -154,25 +154,7 @@ vs_ship_code "$root" "$repo" "$sha"
 vs_ship_entry "$root" "$here"
 VS_TAGS=(autoresearch "ar-$tag" "$commit_tag" "$overrides_tag" "r-$runid")
 
-created="" creating=""
-on_exit() {  # a job we created but could not hand out is terminated: never an orphan
-    local rc=$?
-    if ((rc != 0)) && [[ -z $created && -n $creating ]] && AR_VESSL_LIST_TRIES=2 vs_find_new_slug "$name" "$known"; then
-        created=$VS_SLUG  # interrupted around create: the job exists after all
-    fi
-    rm -f "$known"
-    if ((rc != 0)) && [[ -n $created ]]; then
-        ar_warn "terminating $created: submit failed after creating it"
-        vs_terminate - "$created" || ar_warn "could not terminate $created: $VS_ERR; run 'vesslctl job terminate $created'"
-    fi
-}
-trap on_exit EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-creating=1
-vs_create "$root" "$name" "$known"
-created=$VS_SLUG
+vs_create_guarded "$root" "$name" "$known" submit  # a job we created but could not hand out is terminated
 slug=$VS_SLUG
 dir=$root/jobs/$slug
 mkdir -p "$dir"
@@ -189,6 +171,6 @@ jq -n '{backend: "vessl", id: $id, slug: $id, name: $name, tag: $tag, commit: $c
     | ar_write "$dir/meta.json"
 echo queued | ar_write "$dir/state"
 echo "$slug" | ar_write "$root/names/$name"
-created="" creating=""
+vs_handed_out
 ar_warn "$slug: submitted $name (${sha:0:7}${AR_RES_PAIRS[*]:+ with ${AR_RES_PAIRS[*]}}) on $VS_SPEC"
 echo "$slug"
