@@ -30,6 +30,26 @@ def clean_env(**extra):
     return env
 
 
+def local_repo(tmp_path, **extra):
+    """A throwaway git repo with what `make round` needs on the local backend (trainer, prepare, tools,
+    local, Makefile, pyproject.toml, .gitignore; .venv linked to ours), committed on main. Returns
+    (repo, env): clean_env(**extra) plus a git identity."""
+    import shutil
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for rel in ("trainer", "prepare", "tools", "local"):
+        shutil.copytree(REPO / rel, repo / rel, ignore=shutil.ignore_patterns("__pycache__"))
+    for rel in ("Makefile", "pyproject.toml", ".gitignore"):
+        shutil.copy2(REPO / rel, repo / rel)
+    (repo / ".venv").symlink_to(REPO / ".venv")
+    env = clean_env(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.invalid", GIT_COMMITTER_NAME="t",
+                    GIT_COMMITTER_EMAIL="t@example.invalid", **extra)
+    for cmd in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
+        subprocess.run(cmd, cwd=repo, env=env, check=True)
+    return repo, env
+
+
 @pytest.fixture(scope="session")
 def ar_cache(tmp_path_factory):
     """A cache dir with the smoke and tiny profiles prepared on the offline corpus (built once per session)."""

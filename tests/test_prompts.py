@@ -29,7 +29,7 @@ import tokenize
 from functools import cache
 
 import pytest
-from conftest import REPO, clean_env
+from conftest import REPO, clean_env, local_repo
 
 PROMPT_DIR = REPO / "agent-prompts"
 PROMPTS = sorted(p for p in PROMPT_DIR.glob("*.md") if p.name != "README.md")  # the index is not a prompt
@@ -499,23 +499,12 @@ def agent_edit(repo, n):
 
 def test_local_and_fanout_prompts_run_verbatim(tmp_path, ar_cache):
     """Two rounds on the tiny profile as local.md then fanout.md show them: results.tsv and progress.png."""
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for rel in ("trainer", "prepare", "tools", "local"):
-        shutil.copytree(REPO / rel, repo / rel, ignore=shutil.ignore_patterns("__pycache__"))
-    for rel in ("Makefile", "pyproject.toml", ".gitignore"):
-        shutil.copy2(REPO / rel, repo / rel)
-    (repo / ".venv").symlink_to(REPO / ".venv")
     shim = tmp_path / "bin"
     shim.mkdir()
     (shim / "make").write_text(f'#!/bin/sh\nexec {shutil.which("make")} -o .venv/.setup-stamp "$@"\n')
     (shim / "make").chmod(0o755)
-    env = clean_env(AR_CACHE_DIR=ar_cache, AR_PROFILE="tiny", AR_LOCAL_SLOTS="2", AR_LOCAL_THREADS="1",
-                    GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.invalid", GIT_COMMITTER_NAME="t",
-                    GIT_COMMITTER_EMAIL="t@example.invalid", MPLBACKEND="Agg",
-                    PATH=f"{shim}{os.pathsep}{os.environ['PATH']}")
-    for cmd in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
-        subprocess.run(cmd, cwd=repo, env=env, check=True)
+    repo, env = local_repo(tmp_path, AR_CACHE_DIR=ar_cache, AR_PROFILE="tiny", AR_LOCAL_SLOTS="2",
+                           AR_LOCAL_THREADS="1", MPLBACKEND="Agg", PATH=f"{shim}{os.pathsep}{os.environ['PATH']}")
 
     steps = e2e_steps("local.md") + e2e_steps("fanout.md")
     assert [c for kind, c in steps if kind == "run" and c.startswith("make round ")] == \

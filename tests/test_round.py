@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import clean_env
+from conftest import clean_env, local_repo
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -769,18 +769,8 @@ LOCAL_FILES = ("local/submit-async.sh", "local/wait-jobs.sh", "local/cancel-jobs
 
 @pytest.mark.skipif(not all((REPO / f).exists() for f in LOCAL_FILES), reason="local backend not built yet")
 def test_end_to_end_local_backend(tmp_path, ar_cache):
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for rel in ("trainer", "prepare", "tools", "local"):
-        shutil.copytree(REPO / rel, repo / rel, ignore=shutil.ignore_patterns("__pycache__"))
-    for rel in ("Makefile", "pyproject.toml", ".gitignore"):
-        shutil.copy2(REPO / rel, repo / rel)
-    os.symlink(REPO / ".venv", repo / ".venv")
-    env = clean_env(AR_CACHE_DIR=ar_cache, AR_PROFILE="smoke", AR_LOCAL_SLOTS="2", AR_LOCAL_THREADS="1",
-                    GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.invalid", GIT_COMMITTER_NAME="t",
-                    GIT_COMMITTER_EMAIL="t@example.invalid")
-    for cmd in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
-        subprocess.run(cmd, cwd=repo, env=env, check=True)
+    repo, env = local_repo(tmp_path, AR_CACHE_DIR=ar_cache, AR_PROFILE="smoke", AR_LOCAL_SLOTS="2",
+                           AR_LOCAL_THREADS="1")
     sweep = "MATRIX_LR=0.02,0.06 WARMDOWN_RATIO=0.3,0.7"
     # the driver dies (kill -9) once every job is submitted ...
     proc = subprocess.Popen([PY, "tools/round.py", "round", "--k=4", "--backend=local", "--tag=e2e",
