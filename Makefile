@@ -34,7 +34,7 @@ help: ## show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  make \1\t\2/' | expand -t 24
 	@echo
 	@echo "Variables: AR_PROFILE=full|tiny|smoke  DATA=offline|climbmix  (defaults: full+climbmix on CUDA, tiny+offline on CPU)"
-	@echo "Knob overrides for train: AR_<KNOB>=value, e.g. AR_MATRIX_LR=0.05 AR_DEPTH=10 make train"
+	@echo "Settings: README.md, 'Settings' (one table)"
 
 .PHONY: setup
 setup: $(STAMP) ## create .venv with the pinned dependencies (idempotent)
@@ -56,7 +56,7 @@ lint: $(STAMP) ## shellcheck every shell script and ruff the Python
 	$(VENV)/bin/ruff check .
 	@files=$$(git ls-files '*.sh' .ci/run); if [ -n "$$files" ]; then echo "shellcheck $$files"; $(VENV)/bin/shellcheck $$files; fi
 
-# Round driver inputs: K, BACKEND, TAG, SWEEP, REPEATS, DETACH, TIMEOUT. Taken with $(value ...) so that even a value
+# Round driver inputs: K, BACKEND, TAG, SWEEP, REPEATS, DETACH, TIMEOUT, TOP. Taken with $(value ...) so that even a value
 # containing `$(...)` stays literal data, and handed to the recipes only as exported environment
 # variables (AR_ROUND_*) that the shell expands inside double quotes; tools/round.py validates them.
 override AR_ROUND_K := $(value K)
@@ -66,10 +66,14 @@ override AR_ROUND_SWEEP := $(value SWEEP)
 override AR_ROUND_REPEATS := $(value REPEATS)
 override AR_ROUND_DETACH := $(value DETACH)
 override AR_ROUND_TIMEOUT := $(value TIMEOUT)
-export AR_ROUND_K AR_ROUND_BACKEND AR_ROUND_TAG AR_ROUND_SWEEP AR_ROUND_REPEATS AR_ROUND_DETACH AR_ROUND_TIMEOUT
+override AR_ROUND_TOP := $(value TOP)
+export AR_ROUND_K AR_ROUND_BACKEND AR_ROUND_TAG AR_ROUND_SWEEP AR_ROUND_REPEATS AR_ROUND_DETACH AR_ROUND_TIMEOUT AR_ROUND_TOP
+# The local backend reads this machine's data cache: prepare it first (a no-op when it is there).
+LOCAL_DATA = if [ -z "$$AR_ROUND_BACKEND" ] || [ "$$AR_ROUND_BACKEND" = local ]; then $(PY) prepare/prepare.py >&2; fi
 
 .PHONY: round
-round: $(STAMP) ## one round: K=4 experiments in parallel [BACKEND=local|vessl|sky|modal TAG=.. SWEEP="KNOB=v1,v2" DETACH=1]
+round: $(STAMP) ## one round: K=4 candidate commits in parallel [BACKEND=local|vessl|sky|modal TAG=.. SWEEP="KNOB=v1,v2" DETACH=1]
+	@$(LOCAL_DATA)
 	@$(PY) tools/round.py round --k="$$AR_ROUND_K" --backend="$$AR_ROUND_BACKEND" --tag="$$AR_ROUND_TAG" --sweep="$$AR_ROUND_SWEEP" --detach="$$AR_ROUND_DETACH"
 
 .PHONY: round-wait
@@ -77,11 +81,12 @@ round-wait: $(STAMP) ## wait at most TIMEOUT=100 s for the tag's round or baseli
 	@$(PY) tools/round.py wait --tag="$$AR_ROUND_TAG" --timeout="$$AR_ROUND_TIMEOUT"
 
 .PHONY: baseline
-baseline: $(STAMP) ## run the current best REPEATS=2 times; stores the noise sigma [BACKEND=.. TAG=.. DETACH=1]
+baseline: $(STAMP) ## run the best unchanged REPEATS=3 times: more runs for the noise sigma [BACKEND=.. TAG=.. DETACH=1]
+	@$(LOCAL_DATA)
 	@$(PY) tools/round.py baseline --repeats="$$AR_ROUND_REPEATS" --backend="$$AR_ROUND_BACKEND" --tag="$$AR_ROUND_TAG" --detach="$$AR_ROUND_DETACH"
 
 .PHONY: status
-status: $(STAMP) ## unfinished rounds: jobs (state, elapsed, remaining), driver running or not, log; the spend [TAG=..]
+status: $(STAMP) ## unfinished rounds (jobs, driver running or not, how to resume); the best and the noise [TAG=..]
 	@$(PY) tools/round.py status --tag="$$AR_ROUND_TAG"
 
 .PHONY: results
@@ -89,17 +94,12 @@ results: $(STAMP) ## the last rounds of results.tsv as a table [TAG=..]
 	@$(PY) tools/results.py show --tag="$$AR_ROUND_TAG"
 
 .PHONY: plot
-plot: $(STAMP) ## progress.png: every experiment a point, kept ones highlighted, running best as a line
+plot: $(STAMP) ## progress.png: every experiment a point, kept ones highlighted, the best as a line
 	@$(PY) tools/plot.py --tag="$$AR_ROUND_TAG"
 
-# Promote (sky/promote.py, sky/README.md): TOP and GPU kept literal with $(value ...) and handed over
-# as AR_SKY_PROMOTE_* (a reserved prefix the trainer accepts), expanded by the shell in double quotes.
-promote: override export AR_SKY_PROMOTE_TOP := $(value TOP)
-promote: override export AR_SKY_PROMOTE_GPU := $(value GPU)
-
 .PHONY: promote
-promote: $(STAMP) ## re-run the TOP=2 best rows of a tag on GPU=H200 with SkyPilot, logged as own rows [TAG=..]
-	@$(PY) sky/promote.py --top="$$AR_SKY_PROMOTE_TOP" --gpu="$$AR_SKY_PROMOTE_GPU" --tag="$$AR_ROUND_TAG"
+promote: $(STAMP) ## re-run the TOP=2 best commits of a tag on another setting, e.g. AR_GPU=H200 BACKEND=sky [TAG=..]
+	@$(PY) tools/round.py promote --top="$$AR_ROUND_TOP" --backend="$$AR_ROUND_BACKEND" --tag="$$AR_ROUND_TAG" --detach="$$AR_ROUND_DETACH"
 
 # Modal backend (modal/README.md): deploys the app that modal/submit-async.sh spawns experiments on.
 # Its settings are read by modal/app.py from AR_MODAL_GPU (default H100!; H100:8, or a fallback list

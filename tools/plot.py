@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """
 tools/plot.py -- progress.png from results.tsv: every experiment a point (crashes as x marks on the
-floor of the plot), kept ones highlighted, the running best (lowest kept val_bpb so far) as a step line.
+floor of the plot), kept ones highlighted, and the best as a step line: at each point, the commit of
+the latest kept row, scored as the round driver scores it (the mean of all its runs).
 
     python tools/plot.py [--file results.tsv] [--out progress.png] [--tag TAG] [--profile P]
 
@@ -16,6 +17,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+R_METRIC = os.environ.get("AR_METRIC") or "val_bpb"
+R_GOAL = os.environ.get("AR_METRIC_GOAL") or "min"
 _spec = importlib.util.spec_from_file_location("ar_results", HERE / "results.py")
 R = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(R)
@@ -38,8 +41,8 @@ def plot(rows, key, out):
     from matplotlib.ticker import MaxNLocator
 
     xs = list(range(1, len(rows) + 1))
-    vals = [R.to_float(r["val_bpb"]) for r in rows]
-    ok = [(x, v, r) for x, v, r in zip(xs, vals, rows, strict=True) if r["status"] != "crash" and v]
+    vals = [r["score"] for r in rows]
+    ok = [(x, v, r) for x, v, r in zip(xs, vals, rows, strict=True) if v is not None]
     fig, ax = plt.subplots(figsize=(10, 5.5), dpi=120)
     disc = [(x, v) for x, v, r in ok if r["status"] != "keep"]
     keep = [(x, v, r) for x, v, r in ok if r["status"] == "keep"]
@@ -48,22 +51,25 @@ def plot(rows, key, out):
     if keep:
         ax.scatter([x for x, _, _ in keep], [v for _, v, _ in keep], s=46, c="#1f9e4a", edgecolors="black",
                    linewidths=0.5, label="kept", zorder=4)
+    runs = {}
+    for _, v, r in keep:
+        runs.setdefault(r["commit"], []).append(v)
     best, line_x, line_y = None, [], []
-    for x, v, r in ok:
-        if r["status"] == "keep" and (best is None or v < best):
-            best = v
+    for x, _, r in ok:
+        if r["status"] == "keep":
+            best = sum(runs[r["commit"]]) / len(runs[r["commit"]])
         if best is not None:
             line_x.append(x)
             line_y.append(best)
     if line_x:
-        ax.step(line_x, line_y, where="post", c="#d62728", lw=1.6, label="running best", zorder=3)
+        ax.step(line_x, line_y, where="post", c="#d62728", lw=1.6, label="best (mean of its runs)", zorder=3)
     crashes = [x for x, r in zip(xs, rows, strict=True) if r["status"] == "crash"]
     if crashes:  # drawn just below the lowest score: a crash has none
         lo, hi = min((v for _, v, _ in ok), default=1.0), max((v for _, v, _ in ok), default=1.0)
         floor = lo - 0.05 * ((hi - lo) or abs(lo) or 1.0)
         ax.scatter(crashes, [floor] * len(crashes), marker="x", c="#d62728", s=28, label="crash", zorder=2)
     ax.set_xlabel("experiment #")
-    ax.set_ylabel("val_bpb (lower is better)")
+    ax.set_ylabel(f"{R_METRIC} ({'lower' if R_GOAL == 'min' else 'higher'} is better)")
     tag, profile, gpu, backend = key
     title = f"autoresearch/{tag}: profile {profile}, {gpu} on {backend} -- {len(rows)} experiments"
     if best is not None:
@@ -86,7 +92,7 @@ def main(argv=None):
     ap.add_argument("--tag", default=os.environ.get("AR_ROUND_TAG") or None)
     ap.add_argument("--profile", default=os.environ.get("AR_PROFILE") or None)
     args = ap.parse_args(argv)
-    key, rows = select(R.read_rows(args.file), args.tag, args.profile)
+    key, rows = select(R.read_rows(args.file, R_METRIC), args.tag, args.profile)
     if not rows:
         print(f"plot: error: no results in {args.file}" + (f" for tag {args.tag}" if args.tag else ""),
               file=sys.stderr)
