@@ -1,41 +1,29 @@
 #!/usr/bin/env bash
-# cancel-jobs.sh -- cancel local jobs (idempotent).
+# cancel-jobs.sh -- stop local jobs, queued or running; cancelling an ended job changes nothing.
 #
 # Usage: local/cancel-jobs.sh ID...
 #
-# A queued or running job becomes cancelled and its process group (supervisor + trainer) gets
-# SIGTERM, then SIGKILL after a grace period; the script returns once no process of it is left.
-# A job that already ended stays as it is. stdout: nothing. stderr: what changed.
-# Exit: 0 done, 1 a job's processes would not die, 2 usage error or unknown id (checked before
-#       anything is cancelled), 3 jq/flock missing.
-#
-# Env: AR_STATE_DIR, AR_LOCAL_KILL_GRACE_S (seconds between SIGTERM and SIGKILL, default 5).
-# Contract: docs/contract.md
+# Marks each unfinished job cancelled, sends SIGTERM to its process group, SIGKILL 5 s later if
+# anything is left, and returns once no process of the job is left.
+# Exit: 0 (also for jobs that had ended), 2 usage or unknown id (nothing cancelled).
 set -euo pipefail
-
-here=$(cd "$(dirname "$0")" && pwd)
-repo=$(dirname "$here")
-# shellcheck source=local/_lib.sh
-source "$here/_lib.sh"
-# shellcheck source=local/_local.sh
-source "$here/_local.sh"
-AR_PROG=cancel-jobs.sh
-
-ar_parse_ids "$@"
-ar_need jq flock
-root=$(ar_state_root "$repo" local)
-dirs=()
-for id in "$@"; do dirs+=("$(ar_job_dir "$root" "$id")"); done
-
-for dir in "${dirs[@]}"; do
-    al_reap "$dir"
-    before=$(ar_state "$dir")
-    if al_cancel "$dir" cancelled "cancel-jobs.sh"; then
-        ar_log "$(basename "$dir"): $before -> cancelled"
-    else
-        ar_warn "$(basename "$dir"): already $(ar_state "$dir")"
-    fi
+me=cancel-jobs.sh here=$(cd "$(dirname "$0")" && pwd)
+die() { echo "$me: $2" >&2; exit "$1"; }
+case ${1:-} in
+    -h | --help) sed -n '2,/^set -/s/^# \{0,1\}//p' "$0"; exit 0 ;;
+    "" | -*) die 2 "usage: $me ID... (see --help)" ;;
+esac
+jobs=$(git -C "$here" rev-parse --show-toplevel)/.ar/local/jobs
+for id; do [[ $id =~ ^[a-z0-9][a-z0-9-]{0,80}$ && -d $jobs/$id ]] || die 2 "unknown job id '$id'"; done
+for id; do  # a job whose lock is free has no process left: it ended, and stays as it ended
+    flock -n "$jobs/$id/lock" true && continue
+    (set -C && echo cancelled >"$jobs/$id/ended") 2>/dev/null || true  # the first end recorded wins
+    kill -TERM -- "-$(cat "$jobs/$id/pid")" 2>/dev/null || true
 done
-rc=0
-for dir in "${dirs[@]}"; do al_wait_gone "$dir" || rc=1; done
-exit "$rc"
+for id; do  # SIGKILL what is left after 5 s
+    if ! flock -w 5 "$jobs/$id/lock" true; then
+        kill -KILL -- "-$(cat "$jobs/$id/pid")" 2>/dev/null || true
+        flock -w 5 "$jobs/$id/lock" true || die 1 "$id: process group $(cat "$jobs/$id/pid") survives SIGKILL"
+    fi
+    echo "$me: $id: $(cat "$jobs/$id/ended" 2>/dev/null || echo failed), nothing running" >&2
+done

@@ -1,24 +1,17 @@
 #!/usr/bin/env bash
-# logs.sh -- print a local job's full log (trainer stdout + stderr and [ar-local] notes).
+# logs.sh -- print a local job's whole log so far (the train command's stdout and stderr).
 #
 # Usage: local/logs.sh ID
 #
-# stdout: the log as it is now (empty while the job is queued).
-# Exit: 0, 2 usage error or unknown id.
-#
-# Env: AR_STATE_DIR.
-# Contract: docs/contract.md
+# The log is empty while the job is queued. Exit: 0, 2 usage or unknown id.
 set -euo pipefail
-
-here=$(cd "$(dirname "$0")" && pwd)
-repo=$(dirname "$here")
-# shellcheck source=local/_lib.sh
-source "$here/_lib.sh"
-# shellcheck source=local/_local.sh
-source "$here/_local.sh"
-AR_PROG=logs.sh
-
-ar_parse_ids "$@"
-(($# == 1)) || ar_die 2 "one job id at a time (see --help)"
-dir=$(ar_job_dir "$(ar_state_root "$repo" local)" "$1")
-cat "$dir/log" 2>/dev/null || true
+me=logs.sh here=$(cd "$(dirname "$0")" && pwd)
+die() { echo "$me: $2" >&2; exit "$1"; }
+case ${1:-} in
+    -h | --help) sed -n '2,/^set -/s/^# \{0,1\}//p' "$0"; exit 0 ;;
+    "" | -*) die 2 "usage: $me ID (see --help)" ;;
+esac
+(($# == 1)) || die 2 "one job id at a time (see --help)"
+d=$(git -C "$here" rev-parse --show-toplevel)/.ar/local/jobs/$1
+[[ $1 =~ ^[a-z0-9][a-z0-9-]{0,80}$ && -d $d ]] || die 2 "unknown job id '$1'"
+cat "$d/log"

@@ -1,98 +1,86 @@
 #!/usr/bin/env bash
-# submit-async.sh -- submit one experiment to the local backend; prints its job id.
+# submit-async.sh -- run one commit of this project as a job on this machine; prints the job id.
 #
-# Usage: local/submit-async.sh [--commit REV] [--env KEY=VALUE]... [--name NAME]
+# Usage: local/submit-async.sh [--commit REV] [--name NAME]
 #
-#   --commit REV     commit to run (default HEAD; without it a dirty working tree is refused)
-#   --env KEY=VALUE  trainer override, e.g. --env AR_MATRIX_LR=0.05 (AR_<KNOB> or a harness name)
-#   --name NAME      job name instead of ar-<tag>-<shortsha>[-<overrides hash>]; the idempotency key
+#   --commit REV  the commit to run; default HEAD, and then changes to tracked files are refused
+#   --name NAME   ^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$, default ar-<first 10 hex of the commit>. A name
+#                 whose job is queued, running or succeeded prints that job's id and starts nothing;
+#                 after a failed, timed-out or cancelled one a new job <name>-2 (-3, ...) starts.
 #
-# stdout: exactly one line, the job id (the job name; <name>-<n> for a retry after a failure).
-# The same (tag, commit, overrides) again returns the existing job while it is queued, running or
-# succeeded. The job runs detached from a snapshot of the commit under
-# ${AR_STATE_DIR:-<repo>/.ar}/local/jobs/<id>/ and waits for a free slot.
-# Exit: 0 submitted, 2 usage/precondition error, 3 backend unavailable (python, jq, flock missing).
-#
-# Env: AR_TAG (default "default"), AR_PROFILE / AR_DATA (passed to the job and part of its name),
-#      AR_CACHE_DIR (passed to the job), AR_STATE_DIR, AR_LOCAL_SLOTS (default: GPUs, else CPU
-#      cores), AR_LOCAL_THREADS (default cores / slots), AR_LOCAL_PYTHON (default <repo>/.venv/bin/python).
-# Contract: docs/contract.md
+# stdout: the job id. The job runs detached, from a snapshot of the commit in .ar/local/jobs/<id>/,
+# when a slot is free. Settings: AR_TRAIN_CMD, AR_LOCAL_SLOTS (local/README.md).
+# Exit: 0 submitted (or the existing job), 2 usage or precondition, 3 git, flock, python or uv missing.
 set -euo pipefail
-
-here=$(cd "$(dirname "$0")" && pwd)
-repo=$(dirname "$here")
-# shellcheck source=local/_lib.sh
-source "$here/_lib.sh"
-# shellcheck source=local/_local.sh
-source "$here/_local.sh"
-AR_PROG=submit-async.sh
-
-ar_parse_submit_args "$@"
-ar_need git jq flock setsid sha256sum
-ar_resolve_submit "$repo"
-tag=$AR_RES_TAG sha=$AR_RES_SHA name=$AR_RES_NAME
-
-python=${AR_LOCAL_PYTHON:-$repo/.venv/bin/python}
-[[ -x $python ]] || command -v "$python" >/dev/null 2>&1 \
-    || ar_die 3 "python '$python' not found: run 'make setup', or set AR_LOCAL_PYTHON"
-[[ $python == */* ]] || python=$(command -v "$python")
-[[ $python == /* ]] || python=$PWD/$python
-
-# Slots: one per GPU (CUDA_VISIBLE_DEVICES, else nvidia-smi), else AR_LOCAL_SLOTS or the CPU cores.
+me=submit-async.sh here=$(cd "$(dirname "$0")" && pwd)
+die() { echo "$me: $2" >&2; exit "$1"; }
+commit="" name=""
+while (($#)); do
+    case $1 in
+        -h | --help) sed -n '2,/^set -/s/^# \{0,1\}//p' "$0"; exit 0 ;;
+        --commit | --name) (($# > 1)) || die 2 "$1 needs a value (see --help)"; printf -v "${1#--}" %s "$2"; shift 2 ;;
+        *) die 2 "unknown argument '$1' (see --help)" ;;
+    esac
+done
+[[ -z $name || $name =~ ^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$ ]] \
+    || die 2 "bad --name '$name': lowercase letters, digits and '-', at most 63, no '-' at either end"
+for t in git flock setsid; do
+    command -v "$t" >/dev/null || die 3 "$t not found: install it (flock and setsid are in util-linux)"
+done
+root=$(git -C "$here" rev-parse --show-toplevel 2>/dev/null) || die 2 "$here is not inside a git repository"
+[[ -n $commit || -z $(git -C "$root" status --porcelain --untracked-files=no) ]] \
+    || die 2 "uncommitted changes to tracked files: commit them, or pass --commit REV to run a commit as it is"
+commit=${commit:-HEAD}
+[[ $commit != -* ]] || die 2 "unknown commit '$commit'"
+sha=$(git -C "$root" rev-parse --verify --quiet "$commit^{commit}") || die 2 "unknown commit '$commit'"
+name=${name:-ar-${sha:0:10}}
+need=python  # what the default train command needs
+if git -C "$root" cat-file -e "$sha:uv.lock" 2>/dev/null; then need=uv; fi
+[[ -n ${AR_TRAIN_CMD:-} ]] || PATH=$root/.venv/bin:$PATH command -v "$need" >/dev/null \
+    || die 3 "$need not found: install it (or create .venv), or set AR_TRAIN_CMD"
+# Slots: one per GPU (CUDA_VISIBLE_DEVICES, else nvidia-smi -L), else one per CPU core; AR_LOCAL_SLOTS wins.
 gpus=()
 if [[ -n ${CUDA_VISIBLE_DEVICES+set} ]]; then
-    IFS=, read -r -a gpus <<<"$CUDA_VISIBLE_DEVICES"
-elif command -v nvidia-smi >/dev/null 2>&1; then
-    n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)
-    for ((i = 0; i < n; i++)); do gpus+=("$i"); done
+    IFS=, read -ra gpus <<<"$CUDA_VISIBLE_DEVICES"
+elif command -v nvidia-smi >/dev/null; then
+    mapfile -t gpus < <(nvidia-smi -L 2>/dev/null | sed -n 's/^GPU \([0-9]*\):.*/\1/p')
 fi
-cores=$(nproc 2>/dev/null || echo 1)
-slots=${AR_LOCAL_SLOTS:-$(( ${#gpus[@]} > 0 ? ${#gpus[@]} : cores ))}
-[[ $slots =~ ^[0-9]+$ && $slots -ge 1 ]] || ar_die 2 "bad AR_LOCAL_SLOTS '$slots': a positive integer"
-threads=${AR_LOCAL_THREADS:-$(( cores / slots > 1 ? cores / slots : 1 ))}
-[[ $threads =~ ^[0-9]+$ && $threads -ge 1 ]] || ar_die 2 "bad AR_LOCAL_THREADS '$threads': a positive integer"
+slots=${AR_LOCAL_SLOTS:-${#gpus[@]}}
+[[ $slots != 0 || -n ${AR_LOCAL_SLOTS:-} ]] || slots=$(nproc)
+[[ $slots =~ ^[1-9][0-9]{0,3}$ ]] || die 2 "bad AR_LOCAL_SLOTS '$slots': the number of jobs at a time, e.g. 2"
 
-root=$(ar_state_root "$repo" local)
-mkdir -p "$root/jobs" "$root/names" "$root/slots"
-exec 9>>"$root/submit.lock"  # one submit at a time: the name lookup and the new id stay consistent
-flock -w 120 9 || ar_die 3 "another submit holds $root/submit.lock for 2 minutes; is one stuck?"
+jobs=$root/.ar/local/jobs
+mkdir -p "$jobs"
+[[ -e $root/.ar/.gitignore ]] || echo '*' >"$root/.ar/.gitignore"  # keeps .ar/ out of git status
+exec 9>>"$jobs/.submit.lock"
+flock 9  # one submit at a time: looking the name up and creating its job are one step
+state() {  # state JOB_DIR -- derived from its files (README.md); the lock is looked at before `ended`
+    if flock -n "$1/lock" true && [[ ! -s $1/ended ]]; then echo failed  # no process left, no end recorded
+    elif [[ -s $1/ended ]]; then cat "$1/ended"
+    elif [[ -e $1/slot ]]; then echo running; else echo queued; fi
+}
+id=$name last="" n=1
+while [[ -e $jobs/$id ]]; do  # the jobs of a name: NAME, NAME-2, NAME-3, ... (skipping other names')
+    [[ $(sed -n 1p "$jobs/$id/meta" 2>/dev/null) != "$name" ]] || last=$id
+    n=$((n + 1)) id=$name-$n
+done
+st=$([[ -z $last ]] || state "$jobs/$last")
+if [[ $st == queued || $st == running || $st == succeeded ]]; then
+    echo "$me: $name is job $last ($st, commit $(sed -n 2p "$jobs/$last/meta" | cut -c1-10)); starting nothing" >&2
+    echo "$last"
+    exit 0
+fi
+[[ -z $last ]] || echo "$me: $name: job $last ended $st; starting $id" >&2
 
-env_json=$(jq -n '$ARGS.positional | map(index("=") as $i | {(.[:$i]): .[$i + 1:]}) | add // {}' \
-    --args "${AR_RES_PAIRS[@]}")
-
-# Idempotency: the latest job of this name, unless it failed, timed out or was cancelled.
-ar_reuse_job "$root" "$name" "$sha" "$env_json" al_reap ar_state  # prints the id and exits when reusing
-id=$AR_NEW_ID
-
-# Build the job directory under a temporary name, then rename it into place.
-tmp=$root/jobs/.tmp-$id-$$
-trap 'rm -rf "$tmp"' EXIT
-mkdir -p "$tmp/src" "$tmp/bin"
-git -C "$repo" archive --format=tar "$sha" >"$tmp/src.tar"
-[[ $(git get-tar-commit-id <"$tmp/src.tar") == "$sha" ]] || ar_die 3 "snapshot of $sha does not carry that commit id"
-tar -xf "$tmp/src.tar" -C "$tmp/src"
-rm -f "$tmp/src.tar"
-cp "$here/_lib.sh" "$here/_local.sh" "$here/_run-job.sh" "$tmp/bin/"  # immune to later edits
-forward=$(jq -n '$ARGS.named | with_entries(select(.value != ""))' --arg AR_CACHE_DIR "${AR_CACHE_DIR:-}" \
-    --arg AR_CLIMBMIX_URL "${AR_CLIMBMIX_URL:-}" --arg AR_PROGRESS_INTERVAL_S "${AR_PROGRESS_INTERVAL_S:-}")
-jq -n '{backend: "local", id: $id, name: $name, tag: $tag, commit: $commit, commit_short: $commit[:7],
-        env: $env, forward: $forward, python: $python, slots: $slots, threads: $threads, gpus: $gpus,
-        repo: $repo, state: "queued", submitted_at: $now, started_at: null, finished_at: null,
-        slot: null, gpu: null, pid: null, exit_code: null}' \
-    --arg id "$id" --arg name "$name" --arg tag "$tag" --arg commit "$sha" --argjson env "$env_json" \
-    --argjson forward "$forward" --arg python "$python" --argjson slots "$slots" \
-    --argjson threads "$threads" --argjson gpus "$(jq -n '$ARGS.positional' --args "${gpus[@]}")" \
-    --arg repo "$repo" --arg now "$(ar_now)" | ar_write "$tmp/meta.json"
-echo queued | ar_write "$tmp/state"
-: >"$tmp/log"
-
-exec 8>>"$tmp/alive.lock"  # held from here on by the supervisor and the trainer (inherited)
-flock 8
-mv "$tmp" "$root/jobs/$id"
+d=$jobs/$id
+trap 'rm -rf "$d"' EXIT  # until the job has started: a failed submit leaves no job behind
+mkdir -p "$d/src"
+printf '%s\n' "$name" "$sha" "$slots" >"$d/meta"  # name, commit, slots
+git -C "$root" archive "$sha" | tar -x -C "$d/src"
+exec 8>>"$d/lock"
+flock 8  # held until the job's last process exits (the runner and the train command inherit it)
+setsid "$here/_run-job.sh" "$d" "$slots" "${gpus[@]}" </dev/null >>"$d/log" 2>&1 9>&- &
+echo "$!" >"$d/pid"  # setsid did not fork (a background child leads no group): this is the group id
 trap - EXIT
-job=$root/jobs/$id
-echo "$id" | ar_write "$root/names/$name"
-setsid bash "$job/bin/_run-job.sh" "$job" </dev/null >/dev/null 2>>"$job/supervisor.log" 9>&- &
-exec 8>&-
-ar_warn "$id: submitted ${sha:0:7}${AR_RES_PAIRS[*]:+ with ${AR_RES_PAIRS[*]}} (slots: $slots)"
+echo "$me: $id: commit ${sha:0:10} submitted ($slots slot(s))" >&2
 echo "$id"

@@ -1,64 +1,81 @@
 #!/usr/bin/env bash
-# wait-jobs.sh -- wait for local jobs; print each one's summary (or log tail) when it ends.
+# wait-jobs.sh -- wait for local jobs to end; print each one's result as it ends.
 #
 # Usage: local/wait-jobs.sh ID...
 #
-# stdout, per job, when it ends: `=== ID (STATE) ===` (succeeded|failed|timeout|cancelled), then the
-# trainer's summary verbatim (`---` through `AR_RESULT_JSON: {...}`; rebuilt from result.json if the
-# log lacks it), or the last 25 log lines when the job did not succeed.
-# stderr: timestamped state changes.
-# Jobs still queued or running at the deadline are cancelled (-> timeout); SIGINT / SIGTERM cancel
-# every unfinished job (-> cancelled). A job whose supervisor died is marked failed.
-# Exit: 0 all succeeded, 1 some did not, 2 usage error or unknown id, 3 jq/flock missing,
-#       130/143 interrupted (after cancelling).
-#
-# Env: AR_TIMEOUT_S  seconds before the rest is cancelled; default (3 x the profile's budget +
-#                    600) x ceil(unfinished jobs / slots); profile budgets: full 300, tiny 20, smoke 5
-#                    (unset profile: full with GPUs, tiny without).
-#      AR_STATE_DIR, AR_LOCAL_POLL_S (default 1), AR_LOCAL_KILL_GRACE_S (SIGTERM -> SIGKILL, default 5).
-# Contract: docs/contract.md
+# stdout, per job as it ends: `=== ID (STATE) ===` (succeeded, failed, timeout, cancelled), then the
+# summary block of a succeeded job (the last line `---` and the `key: value` lines right after it),
+# else the last 40 lines of its log and a `note:` line. stderr: one line per state change.
+# AR_TIMEOUT_S: deadline in seconds, default 1500 per wave (unfinished jobs / slots, rounded up). At
+# the deadline the unfinished jobs are cancelled (timeout), and on SIGINT or SIGTERM (cancelled).
+# Exit: 0 all succeeded, 1 some did not, 2 usage or unknown id (nothing waited for), 130/143 interrupted.
 set -euo pipefail
-
-here=$(cd "$(dirname "$0")" && pwd)
-repo=$(dirname "$here")
-# shellcheck source=local/_lib.sh
-source "$here/_lib.sh"
-# shellcheck source=local/_local.sh
-source "$here/_local.sh"
-AR_PROG=wait-jobs.sh
-ar_trap_signals  # first: a signal during the setup below still cancels
-
-ar_parse_ids "$@"
-ar_need jq flock
-ar_collect_jobs "$(ar_state_root "$repo" local)" "" "$@"
-
-# Default deadline: the longest profile among the unfinished jobs, times the waves of slots.
-budget=0 open=0 slots=""
-for dir in "${AR_DIRS[@]}"; do
-    al_reap "$dir"
-    ar_is_terminal "$(ar_state "$dir")" && continue
-    open=$((open + 1))
-    IFS='|' read -r profile ngpus s < <(ar_meta "$dir" '[.env.AR_PROFILE // "", (.gpus | length), .slots] | join("|")')
-    [[ -n $profile ]] || { ((ngpus > 0)) && profile=full || profile=tiny; }
-    b=$(ar_profile_budget "$profile")
-    ((b > budget)) && budget=$b
-    [[ -n $slots && $slots -le $s ]] || slots=$s
+sig=""
+trap 'sig=INT' INT; trap 'sig=TERM' TERM  # first thing: a signal during the setup still cancels
+me=wait-jobs.sh here=$(cd "$(dirname "$0")" && pwd)
+die() { echo "$me: $2" >&2; exit "$1"; }
+case ${1:-} in
+    -h | --help) sed -n '2,/^set -/s/^# \{0,1\}//p' "$0"; exit 0 ;;
+    "" | -*) die 2 "usage: $me ID... (see --help)" ;;
+esac
+jobs=$(git -C "$here" rev-parse --show-toplevel)/.ar/local/jobs
+ids=()
+for id; do
+    [[ $id =~ ^[a-z0-9][a-z0-9-]{0,80}$ && -d $jobs/$id ]] || die 2 "unknown job id '$id'"
+    [[ " ${ids[*]} " == *" $id "* ]] || ids+=("$id")
 done
-waves=$(( open > 0 ? (open + ${slots:-1} - 1) / ${slots:-1} : 1 ))
-timeout=$(ar_timeout_s $(( (3 * budget + 600) * waves )))
-ar_log "waiting for ${#AR_IDS[@]} job(s), up to ${timeout}s"
-
-# shellcheck disable=SC2329  # refresh and cancel are called by ar_wait_loop
-refresh() {  # a job whose processes are all gone is failed
-    local dir
-    for dir in "$@"; do al_reap "$dir"; done
+state() {  # state JOB_DIR -- derived from its files (README.md); the lock is looked at before `ended`
+    if flock -n "$1/lock" true && [[ ! -s $1/ended ]]; then echo failed  # no process left, no end recorded
+    elif [[ -s $1/ended ]]; then cat "$1/ended"
+    elif [[ -e $1/slot ]]; then echo running; else echo queued; fi
 }
-# shellcheck disable=SC2329
-cancel() {  # cancel TO REASON DIR...: SIGTERM each job's process group, then wait until it is gone
-    local to=$1 reason=$2 dir
-    shift 2
-    for dir in "$@"; do al_cancel "$dir" "$to" "$reason" || true; done
-    for dir in "$@"; do al_wait_gone "$dir" || true; done
+block() {  # block ID STATE -- the job's block on stdout
+    local d=$jobs/$1 summary=""
+    echo "=== $1 ($2) ==="
+    [[ $2 != succeeded ]] || summary=$(awk '$0 == "---" { c = $0; on = 1; next }
+        on && /^[A-Za-z_][A-Za-z0-9_]*:[ \t]+[^ \t]/ { c = c "\n" $0; b = c; next } { on = 0 } END { print b }' "$d/log")
+    if [[ -n $summary ]]; then echo "$summary"; return 0; fi
+    tail -n 40 "$d/log" | awk '{ sub(/\r+$/, ""); sub(/.*\r/, "") } 1'  # a \r progress line: its last frame
+    case $2 in
+        succeeded) echo "note: exit code 0 but no summary block in the log" ;;
+        timeout) echo "note: cancelled at the deadline (AR_TIMEOUT_S=$timeout)" ;;
+        cancelled) echo "note: cancelled" ;;
+        *) if [[ -s $d/rc ]]; then echo "note: exit code $(cat "$d/rc")"
+           else echo "note: no exit code: the job's processes were killed (kill -9, out of memory, reboot)"; fi ;;
+    esac
 }
-ar_wait_loop "$timeout" "${AR_LOCAL_POLL_S:-1}" refresh cancel
-ar_wait_exit
+open=0 slots=9999
+for id in "${ids[@]}"; do
+    case $(state "$jobs/$id") in queued | running) open=$((open + 1)) ;; esac
+    s=$(sed -n 3p "$jobs/$id/meta") && slots=$((s < slots ? s : slots))
+done
+timeout=${AR_TIMEOUT_S:-$((1500 * ((open + slots - 1) / slots)))}
+[[ $timeout =~ ^[0-9]{1,9}$ ]] || die 2 "bad AR_TIMEOUT_S '$timeout': a number of seconds"
+echo "$me: waiting for ${#ids[@]} job(s), up to ${timeout}s" >&2
+declare -A seen=()
+pending=("${ids[@]}") failed=0 deadline=$((SECONDS + timeout))
+while :; do
+    left=()
+    for id in "${pending[@]}"; do
+        st=$(state "$jobs/$id")
+        [[ $st == "${seen[$id]:-}" ]] || echo "$me: $id: ${seen[$id]:+${seen[$id]} -> }$st" >&2
+        seen[$id]=$st
+        if [[ $st == queued || $st == running ]]; then left+=("$id"); continue; fi
+        block "$id" "$st"
+        [[ $st == succeeded ]] || failed=1
+    done
+    pending=("${left[@]}")
+    if ((!${#pending[@]})); then break
+    elif [[ -n $sig ]] || ((SECONDS >= deadline)); then
+        trap '' INT TERM  # nothing interrupts the cancel (a second Ctrl-C included)
+        for id in "${pending[@]}"; do  # the deadline: the first end recorded wins, as in cancel-jobs.sh
+            [[ -n $sig ]] || (set -C && echo timeout >"$jobs/$id/ended") 2>/dev/null || true
+        done
+        "$here/cancel-jobs.sh" "${pending[@]}" || true
+    else
+        sleep "0.$((SECONDS < 10 ? 2 : 9))" &  # 0.2 s for the first 10 s: quick ends show at once
+        wait "$!" || true  # returns at once on a signal
+    fi
+done
+case $sig in INT) exit 130 ;; TERM) exit 143 ;; esac
+exit "$failed"
