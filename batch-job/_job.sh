@@ -3,7 +3,7 @@
 #
 # submit-async.sh / prep.sh upload it to the object volume as autoresearch/bin/job-<sha256[:12]>.sh
 # and start the job with `--cmd "bash <mount>/autoresearch/bin/job-<hash>.sh"`; the volume root is
-# found from this file's own path. Every user value (overrides, the commit, paths) arrives as an
+# found from this file's own path. Every user value (the commit, profile, paths) arrives as an
 # environment variable set with `vesslctl job create --env K=V`; nothing is spliced into a command.
 #
 # Env (set by the submitter):
@@ -14,7 +14,7 @@
 #                     instead of autoresearch/code/<sha>.bundle on the volume
 #   AR_VESSL_PYTHON   an interpreter of the image that already has the dependencies: no venv at all
 #   AR_VESSL_MAX_S    hard limit of the whole job, seconds (SIGTERM, SIGKILL 30 s later)
-#   AR_*              the experiment's overrides (AR_PROFILE, AR_MATRIX_LR, ...), passed on as they are
+#   AR_PROFILE, AR_DATA (and AR_CLIMBMIX_URL, AR_PROGRESS_INTERVAL_S) when set at submit, as they are
 #
 # What it does, and what it does not (the per-job overhead; see batch-job/README.md):
 #   1. git fetch of the commit from the bundle on the volume (or the remote), HEAD verified.
@@ -23,10 +23,9 @@
 #      every later job. No apt-get unless the image lacks git.
 #   3. AR_CACHE_DIR=autoresearch/cache on the volume (data, tokenizer from prep.sh; the trainer puts
 #      TORCHINDUCTOR_CACHE_DIR under it, so compiled kernels persist across jobs).
-#   4. The trainer with AR_RESULT_PATH on local disk; afterwards result.json, exit_code and the full
-#      log (tee'd all along) are in autoresearch/runs/<run>/ on the volume.
-# Exit: the trainer's code (a train job exits 0 only when result.json says ok); 1 setup failure;
-#       143 terminated; 124 hard limit.
+#   4. The trainer; its exit_code and its full log (tee'd all along) are in autoresearch/runs/<run>/
+#      on the volume. Its result is the summary block at the end of that log.
+# Exit: the trainer's code; 1 setup failure; 143 terminated; 124 hard limit.
 set -euo pipefail
 
 if [[ -z ${AR_VESSL_INNER:-} && ${AR_VESSL_MAX_S:-} =~ ^[1-9][0-9]*$ ]] && command -v timeout >/dev/null 2>&1; then
@@ -76,25 +75,11 @@ finish() {
 }
 trap finish EXIT
 
-write_result() {  # write_result FILE -- copy the result to the volume (plain write: no rename needed)
-    [[ -n $rundir && -s $1 ]] || return 0
-    cp "$1" "$rundir/result.json.part" && mv -f "$rundir/result.json.part" "$rundir/result.json" 2>/dev/null \
-        || cp "$1" "$rundir/result.json" || note "warning: could not copy result.json to the volume"
-}
-
-fail() {  # fail STAGE MESSAGE -- a setup failure: FAIL line, a fail result (also on the volume), exit 1
+fail() {  # fail STAGE MESSAGE -- a setup failure: a note and the FAIL line (the crash reason), exit 1
     local stage=$1
     shift
-    note "FAIL: $*"
+    note "setup stage '$stage' failed"
     printf 'FAIL: %s\n' "$*"
-    if command -v python3 >/dev/null 2>&1; then
-        python3 -c 'import json, sys; print(json.dumps({"status": "fail", "error": sys.argv[1], "stage": sys.argv[2], "commit": sys.argv[3]}, sort_keys=True))' \
-            "$*" "$stage" "$sha" >"$work/result.json" 2>/dev/null || true
-    fi
-    if [[ -s $work/result.json ]]; then
-        write_result "$work/result.json"
-        printf 'AR_RESULT_JSON: %s\n' "$(cat "$work/result.json")"
-    fi
     [[ -z $rundir ]] || echo 1 >"$rundir/exit_code" 2>/dev/null || true
     exit 1
 }
@@ -202,7 +187,7 @@ ms_python=$(ms_since "$t0")
 # ---- 3. run --------------------------------------------------------------------------------------
 export AR_CACHE_DIR=${AR_CACHE_DIR:-$base/cache}
 mkdir -p "$AR_CACHE_DIR"
-export AR_RESULT_PATH=$work/result.json PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1
 note "ready in $(secs "$(ms_since "$t_start")") s (code $(secs "$ms_code") s, python $(secs "$ms_python") s); AR_CACHE_DIR=$AR_CACHE_DIR"
 cd "$src"
 if [[ $mode == prepare ]]; then
@@ -217,11 +202,6 @@ while :; do
     kill -0 "$child" 2>/dev/null || break
 done
 child=""
-write_result "$AR_RESULT_PATH"
 echo "$rc" >"$rundir/exit_code" 2>/dev/null || true
-if [[ $mode == train && $rc -eq 0 ]]; then
-    status=$("$py" -c 'import json, sys; print(json.load(open(sys.argv[1])).get("status", ""))' "$AR_RESULT_PATH" 2>/dev/null || true)
-    [[ $status == ok ]] || { note "the trainer exited 0 but result.json status is '${status:-missing}'"; rc=1; }
-fi
 note "exit $rc after $(secs "$(ms_since "$t_start")") s"
 exit "$rc"

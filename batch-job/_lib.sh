@@ -9,12 +9,8 @@
 AR_PROG=${AR_PROG:-ar}
 AR_TAG_RE='^[a-z0-9][a-z0-9-]{0,19}$'
 AR_NAME_RE='^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$'
-AR_KEY_RE='^[A-Z][A-Z0-9_]*$'
 AR_ID_RE='^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$'
 AR_TERMINAL_STATES=" succeeded failed timeout cancelled "
-# Summary keys in the trainer's order (see trainer/train.py), for rebuilding a summary from result.json.
-AR_SUMMARY_KEYS='["val_bpb","training_seconds","total_seconds","peak_vram_mb","mfu_percent","total_tokens_M",
-"num_steps","num_params_M","depth","profile","data","device","startup_seconds","tokens_per_sec"]'
 
 # ---- messages ------------------------------------------------------------------------------------
 ar_now() { date -u +%Y-%m-%dT%H:%M:%SZ; }
@@ -81,7 +77,7 @@ ar_transition() {
 # ar_reuse_job ROOT NAME SHA ENV_JSON REFRESH STATE -- the idempotent half of a submit, for a backend that
 # keeps ROOT/names/<name> (the latest id of a name) and ROOT/jobs/<id>/meta.json (.commit, .env). REFRESH and
 # STATE are the backend's functions taking a job dir. When the latest job of NAME is queued, running or
-# succeeded: print its id and exit 0 (exit 2 if it ran another commit or other overrides). Otherwise set
+# succeeded: print its id and exit 0 (exit 2 if it ran another commit or another AR_PROFILE / AR_DATA). Otherwise set
 # AR_NEW_ID to a fresh id: NAME, or NAME-2, NAME-3, ... after failed, timed-out or cancelled attempts.
 ar_reuse_job() {
     local root=$1 name=$2 sha=$3 env_json=$4 refresh=$5 state=$6 old old_dir st same n
@@ -94,7 +90,7 @@ ar_reuse_job() {
             if [[ $st == queued || $st == running || $st == succeeded ]]; then
                 same=$(jq --arg c "$sha" --argjson e "$env_json" '.commit == $c and .env == $e' "$old_dir/meta.json")
                 [[ $same == true ]] \
-                    || ar_die 2 "name '$name' is taken by job $old ($st) for another commit or overrides; choose another --name"
+                    || ar_die 2 "name '$name' is taken by job $old ($st) for another commit or AR_PROFILE/AR_DATA; choose another --name"
                 ar_warn "$name: already submitted as $old ($st); not starting another"
                 echo "$old"
                 exit 0
@@ -124,46 +120,36 @@ ar_check_ids() {  # ar_check_ids ID... -- exit 2 on a malformed id (existence is
     done
 }
 
-# ar_parse_submit_args "$@" -- sets AR_ARG_COMMIT, AR_ARG_NAME and AR_ARG_ENV (array of KEY=VALUE);
-# exits 0 on --help (usage of $0), 2 on anything malformed.
+# ar_parse_submit_args "$@" -- sets AR_ARG_COMMIT and AR_ARG_NAME; exits 0 on --help (usage of $0),
+# 2 on anything malformed.
 ar_parse_submit_args() {
-    AR_ARG_COMMIT="" AR_ARG_NAME="" AR_ARG_ENV=()
-    local pair key seen=" "
+    AR_ARG_COMMIT="" AR_ARG_NAME=""
     while (($#)); do
         case $1 in
             -h | --help) ar_usage "$0"; exit 0 ;;
-            --commit | --env | --name)
+            --commit | --name)
                 (($# >= 2)) || ar_die 2 "$1 needs a value (see --help)"
                 case $1 in
                     --commit) AR_ARG_COMMIT=$2 ;;
                     --name) AR_ARG_NAME=$2 ;;
-                    --env) AR_ARG_ENV+=("$2") ;;
                 esac
                 shift 2 ;;
-            --commit=* | --env=* | --name=*) set -- "${1%%=*}" "${1#*=}" "${@:2}" ;;
+            --commit=* | --name=*) set -- "${1%%=*}" "${1#*=}" "${@:2}" ;;
+            --env | --env=*) ar_die 2 "--env is gone: a candidate is a commit (edit the constant in the train file and commit it)" ;;
             *) ar_die 2 "unknown argument '$1' (see --help)" ;;
         esac
     done
     [[ -z $AR_ARG_COMMIT || $AR_ARG_COMMIT != -* ]] || ar_die 2 "bad --commit '$AR_ARG_COMMIT'"
     [[ -z $AR_ARG_NAME || $AR_ARG_NAME =~ $AR_NAME_RE ]] \
         || ar_die 2 "bad --name '$AR_ARG_NAME': use lowercase [a-z0-9-], at most 63 characters"
-    for pair in "${AR_ARG_ENV[@]}"; do
-        [[ $pair == *=* ]] || ar_die 2 "bad --env '$pair': expected KEY=VALUE"
-        key=${pair%%=*}
-        [[ $key =~ $AR_KEY_RE ]] || ar_die 2 "bad --env key '$key': must match [A-Z][A-Z0-9_]*"
-        [[ $key == AR_* ]] || ar_die 2 "bad --env key '$key': only AR_<KNOB> and harness AR_ names may be passed"
-        [[ $key != AR_RESULT_PATH ]] || ar_die 2 "--env AR_RESULT_PATH: set by the backend, not by you"
-        [[ $pair != *$'\n'* ]] || ar_die 2 "bad --env $key: the value contains a newline"
-        [[ $seen != *" $key "* ]] || ar_die 2 "--env $key given twice"
-        seen+="$key "
-    done
 }
 
 # ar_resolve_submit REPO -- after ar_parse_submit_args: resolves the tag, the commit (refusing a
-# dirty tree without --commit), the effective overrides and the job name. Sets AR_RES_TAG,
-# AR_RES_SHA, AR_RES_PAIRS (sorted KEY=VALUE array) and AR_RES_NAME.
+# dirty tree without --commit), what the job gets from this environment and the job name. Sets
+# AR_RES_TAG, AR_RES_SHA, AR_RES_PAIRS (sorted KEY=VALUE array: AR_PROFILE / AR_DATA when set here)
+# and AR_RES_NAME.
 ar_resolve_submit() {
-    local repo=$1 rev pair key keys=() extra
+    local repo=$1 rev extra
     AR_RES_TAG=${AR_TAG:-default}
     [[ $AR_RES_TAG =~ $AR_TAG_RE ]] || ar_die 2 "bad AR_TAG '$AR_RES_TAG': must match $AR_TAG_RE"
     git -C "$repo" rev-parse --git-dir >/dev/null 2>&1 || ar_die 2 "$repo is not a git repository"
@@ -173,17 +159,13 @@ ar_resolve_submit() {
     fi
     AR_RES_SHA=$(git -C "$repo" rev-parse --verify --quiet "$rev^{commit}") \
         || ar_die 2 "unknown commit '$rev'"
-    # Effective overrides: --env, plus AR_PROFILE / AR_DATA from the environment when set there.
-    AR_RES_PAIRS=("${AR_ARG_ENV[@]}")
-    for extra in AR_PROFILE AR_DATA; do
-        [[ -n ${!extra:-} ]] || continue
-        [[ " ${AR_RES_PAIRS[*]%%=*} " == *" $extra "* ]] || AR_RES_PAIRS+=("$extra=${!extra}")
+    AR_RES_PAIRS=()
+    for extra in AR_DATA AR_PROFILE; do  # sorted
+        [[ -z ${!extra:-} ]] || AR_RES_PAIRS+=("$extra=${!extra}")
     done
-    if ((${#AR_RES_PAIRS[@]})); then
-        mapfile -t AR_RES_PAIRS < <(printf '%s\n' "${AR_RES_PAIRS[@]}" | LC_ALL=C sort)
-        for pair in "${AR_RES_PAIRS[@]}"; do keys+=("${pair%%=*}"); done
-        ar_check_env_keys "$repo" "$AR_RES_SHA" "${keys[@]}"
-    fi
+    for extra in "${AR_RES_PAIRS[@]}"; do
+        [[ $extra != *$'\n'* ]] || ar_die 2 "bad ${extra%%=*}: the value contains a newline"
+    done
     if [[ -n $AR_ARG_NAME ]]; then
         AR_RES_NAME=$AR_ARG_NAME
     else
@@ -192,51 +174,6 @@ ar_resolve_submit() {
             AR_RES_NAME+="-$(printf '%s\n' "${AR_RES_PAIRS[@]}" | sha256sum | cut -c1-8)"
         fi
     fi
-}
-
-# ar_check_env_keys REPO SHA KEY... -- exit 2 unless every KEY is AR_<knob of that commit's
-# trainer/train.py> or a reserved harness name of its prepare/prepare.py. Skipped (with a note)
-# when python3 is missing or the files cannot be read: the trainer rejects unknown names anyway.
-ar_check_env_keys() {
-    local repo=$1 sha=$2 bad
-    shift 2
-    if ! command -v python3 >/dev/null 2>&1 \
-        || ! git -C "$repo" cat-file -e "$sha:trainer/train.py" 2>/dev/null; then
-        ar_warn "note: cannot check --env names against the trainer's knobs (no python3 or trainer/train.py)"
-        return 0
-    fi
-    bad=$(python3 - "$@" 3< <(git -C "$repo" show "$sha:trainer/train.py") \
-        4< <(git -C "$repo" show "$sha:prepare/prepare.py" 2>/dev/null || true) <<'PY'
-import ast, os, sys
-def top_names(tree):
-    for node in tree.body:
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
-        yield node, [t.id for t in targets if isinstance(t, ast.Name)]
-try:
-    train = ast.parse(os.fdopen(3).read())
-except SyntaxError:
-    sys.exit(0)  # a broken trainer fails as a job; nothing to check against here
-names = [(n, ids) for n, ids in top_names(train)]
-all_ids = [i for _, ids in names for i in ids]
-knobs, on = [], "_NOT_KNOBS" not in all_ids
-for _, ids in names:
-    if "_NOT_KNOBS" in ids: on = True; continue
-    if "KNOBS" in ids and on and "_NOT_KNOBS" in all_ids: break
-    if on: knobs += [i for i in ids if i.isupper() and not i.startswith("_")]
-harness, prefixes = set(), ()
-try:
-    for node, ids in top_names(ast.parse(os.fdopen(4).read())):
-        consts = [c.value for c in ast.walk(node) if isinstance(c, ast.Constant) and isinstance(c.value, str)]
-        if "HARNESS_ENV_VARS" in ids: harness = set(consts)
-        if "HARNESS_ENV_PREFIXES" in ids: prefixes = tuple(consts)
-except SyntaxError:
-    pass
-bad = [k for k in sys.argv[1:] if k[3:] not in knobs and k not in harness and not k.startswith(prefixes)]
-if bad:
-    print(f"unknown name {' '.join(bad)} for this commit; valid knobs: {' '.join('AR_' + k for k in sorted(set(knobs)))}")
-PY
-    ) || true
-    [[ -z $bad ]] || ar_die 2 "bad --env: $bad"
 }
 
 # ---- timeouts ------------------------------------------------------------------------------------
@@ -302,7 +239,7 @@ ar_wait_loop() {
                 seen[$id]=$st
             fi
             if ar_is_terminal "$st"; then
-                ar_print_block "$id" "$st" "$dir/log" "$dir/result.json"
+                ar_print_block "$id" "$st" "$dir/log"
                 [[ $st == succeeded ]] || AR_WAIT_FAILED=1
             elif [[ -n ${AR_WAIT_STUCK[$id]:-} ]]; then
                 printf '=== %s (%s) ===\n%s\n' "$id" "${to:-cancelled}" "${AR_WAIT_STUCK[$id]}"
@@ -346,34 +283,21 @@ ar_wait_exit() {  # the exit of wait-jobs.sh: 130 / 143 after a signal, else 1 i
 }
 
 # ---- output --------------------------------------------------------------------------------------
-# ar_print_block ID STATE LOG RESULT_JSON -- one wait-jobs.sh block. A succeeded job prints the
-# trainer's summary verbatim from LOG (`---` through `AR_RESULT_JSON:`), else rebuilt from
-# RESULT_JSON; any other job prints its last 25 log lines (plus the result line when not among them).
+# ar_print_block ID STATE LOG -- one wait-jobs.sh block. A succeeded job prints the summary block of
+# LOG: its last line that is exactly `---` and the `key: value` lines right after it (nothing when
+# there is none); any other job prints its last 40 log lines.
 ar_print_block() {
-    local id=$1 state=$2 log=$3 result=$4 block=""
+    local id=$1 state=$2 log=$3 block=""
     printf '=== %s (%s) ===\n' "$id" "$state"
+    [[ -f $log ]] || return 0
     if [[ $state == succeeded ]]; then
-        [[ -f $log ]] && block=$(awk '{ l[NR] = $0 } /^---$/ { d = NR } /^AR_RESULT_JSON: / { if (d) { s = d; e = NR } }
-            END { if (e) for (i = s; i <= e; i++) print l[i] }' "$log")
-        if [[ -n $block ]]; then
-            printf '%s\n' "$block"
-        elif [[ -s $result ]]; then
-            jq -r --argjson keys "$AR_SUMMARY_KEYS" '
-                def pad: if length < 18 then . + (" " * (18 - length)) else . end;
-                def f6: tostring as $s | if ($s | test("^-?[0-9]+[.][0-9]+$")) then ($s | split(".")) as $p
-                    | $p[0] + "." + (($p[1] + "000000")[0:6]) elif ($s | test("^-?[0-9]+$")) then $s + ".000000" else $s end;
-                . as $r | "---",
-                ($keys[] | select(. as $k | $r | has($k)) | . as $k
-                    | (($k + ":") | pad) + (if $k == "val_bpb" then ($r[$k] | f6) else ($r[$k] | if type == "string" then . else tojson end) end)),
-                "AR_RESULT_JSON: " + ($r | tojson)' "$result" 2>/dev/null || true
-        fi
+        block=$(awk '{ sub(/\r$/, ""); l[NR] = $0 } $0 == "---" { d = NR }
+            END { if (d) for (i = d + 1; i <= NR && l[i] ~ /^[A-Za-z_][A-Za-z0-9_]*:([ \t]|$)/; i++) {
+                if (i == d + 1) print "---"; print l[i] } }' "$log")
     else
-        [[ -f $log ]] && block=$(tail -n 25 "$log")
-        [[ -z $block ]] || printf '%s\n' "$block"
-        if [[ -s $result && $block != *"AR_RESULT_JSON: "* ]]; then
-            printf 'AR_RESULT_JSON: %s\n' "$(jq -c . "$result" 2>/dev/null || true)"
-        fi
+        block=$(tail -n 40 "$log")
     fi
+    [[ -z $block ]] || printf '%s\n' "$block"
 }
 
 # ar_write FILE -- stdin to FILE atomically (temporary file in the same directory, then rename).

@@ -2,7 +2,7 @@
 # _vessl.sh -- the VESSL backend's records and vesslctl calls (sourced after _lib.sh, never run).
 #
 # A job id is the VESSL job slug. Its record is ${AR_STATE_DIR:-<repo>/.ar}/vessl/jobs/<slug>/
-# (meta.json, state, log, result.json, notes); names/<name> holds the latest slug of a job name
+# (meta.json, state, log, notes); names/<name> holds the latest slug of a job name
 # (VESSL job names are not unique, so the name -> slug record is ours). State changes happen under an
 # flock on the job's .lock. Everything the backend keeps on the object volume lives under
 # autoresearch/ (see batch-job/README.md, "What is on the volume").
@@ -133,20 +133,16 @@ vs_terminate() {
 
 vs_note() { printf '[ar-vessl] %s %s\n' "$(ar_now)" "$2" >>"$1/notes"; }  # vs_note DIR MESSAGE
 
-# vs_collect DIR -- copy the job's result.json and log into its record (log.raw). The volume copy
-# comes first (runs/<run>/ on the volume: complete, never capped); the CLI log (at most 1000 lines) and
-# its last AR_RESULT_JSON line are the fallback. Then rewrites the record's log (vs_write_log).
+# vs_collect DIR -- copy the job's log into its record (log.raw). The volume copy comes first
+# (runs/<run>/log on the volume: complete, never capped); the CLI log (at most 1000 lines) is the
+# fallback. Then rewrites the record's log (vs_write_log).
 vs_collect() {
-    local dir=$1 slug vol run tmp f line src=""
+    local dir=$1 slug vol run tmp f src=""
     slug=$(basename "$dir")
     IFS=$'\t' read -r vol run < <(jq -r '[.volume, .run] | @tsv' "$dir/meta.json")
     tmp=$(mktemp -d)
-    # `volume download` mirrors `volume upload`; where a vesslctl lacks it, the log line below is used.
+    # `volume download` mirrors `volume upload`; where a vesslctl lacks it, the CLI log is used.
     if vs_call "$dir" volume download "$vol" "$tmp/vol" --remote-prefix "$VS_PREFIX/runs/$run/"; then
-        f=$(find "$tmp/vol" -type f -name result.json 2>/dev/null | head -n 1)
-        if [[ -n $f ]] && jq -e 'type == "object"' "$f" >/dev/null 2>&1; then
-            jq -c . "$f" | ar_write "$dir/result.json"
-        fi
         f=$(find "$tmp/vol" -type f -name log 2>/dev/null | head -n 1)
         [[ -z $f || ! -s $f ]] || { cp "$f" "$tmp/log" && src=volume; }
     else
@@ -155,13 +151,6 @@ vs_collect() {
     if vs_call "$dir" job logs --limit 1000 "$slug"; then
         printf '%s\n' "$VS_OUT" >"$tmp/cli.log"
         [[ -n $src ]] || { cp "$tmp/cli.log" "$tmp/log" && src=cli; }
-        if [[ ! -s $dir/result.json ]]; then
-            line=$(grep '^AR_RESULT_JSON: ' "$tmp/cli.log" | tail -n 1 || true)
-            if [[ -n $line ]] && jq -e 'type == "object"' <<<"${line#AR_RESULT_JSON: }" >/dev/null 2>&1; then
-                jq -c . <<<"${line#AR_RESULT_JSON: }" | ar_write "$dir/result.json"
-                vs_note "$dir" "result taken from the log's AR_RESULT_JSON line (no volume copy)"
-            fi
-        fi
     else
         vs_note "$dir" "vesslctl job logs failed: ${VS_ERR:-unknown error}"
     fi
@@ -174,18 +163,11 @@ vs_write_log() {  # the record's log: the job's own log, then our notes
     { cat "$1/log.raw" 2>/dev/null || true; cat "$1/notes" 2>/dev/null || true; } | ar_write "$1/log"
 }
 
-# vs_settle DIR MAPPED NATIVE -- a job VESSL reports as ended: collect its outputs, then record
-# succeeded (VESSL succeeded and, for a training job, result.json says ok) or failed / cancelled.
+# vs_settle DIR MAPPED NATIVE -- a job VESSL reports as ended: collect its log, then record MAPPED
+# (succeeded: the job's command, so the trainer, exited 0).
 vs_settle() {
-    local dir=$1 mapped=$2 native=$3 final status mode
+    local dir=$1 mapped=$2 native=$3 final=$2
     vs_collect "$dir"
-    mode=$(ar_meta "$dir" '.mode // "train"')
-    status=$(jq -r '.status // empty' "$dir/result.json" 2>/dev/null || true)
-    final=$mapped
-    if [[ $mapped == succeeded && $mode == train && $status != ok ]]; then
-        final=failed
-        vs_note "$dir" "VESSL says $native but result.json status is '${status:-missing}' -> failed"
-    fi
     if ar_transition "$dir" "$final" queued running; then
         ar_meta_set "$dir" '.native_state = $n' --arg n "$native"
         vs_note "$dir" "VESSL state $native -> $final"

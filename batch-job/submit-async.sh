@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # submit-async.sh -- submit one experiment as a VESSL batch job; prints its job id (the VESSL slug).
 #
-# Usage: batch-job/submit-async.sh [--commit REV] [--env KEY=VALUE]... [--name NAME]
+# Usage: batch-job/submit-async.sh [--commit REV] [--name NAME]
 #
 #   --commit REV     commit to run (default HEAD; without it a dirty working tree is refused)
-#   --env KEY=VALUE  trainer override, e.g. --env AR_MATRIX_LR=0.05 (AR_<KNOB> or a harness name)
-#   --name NAME      job name instead of ar-<tag>-<shortsha>[-<overrides hash>]; the idempotency key
+#   --name NAME      job name instead of ar-<tag>-<shortsha>[-<hash of AR_PROFILE/AR_DATA>]; the
+#                    idempotency key
 #
 # stdout: exactly one line, the job id = the VESSL job slug. Returns once the job exists.
 # The commit travels as a git bundle uploaded to the object volume (nothing is pushed; the job checks
-# out exactly that commit and verifies it). The same (tag, commit, overrides) again returns the
+# out exactly that commit and verifies it). The same (tag, commit, profile, data) again returns the
 # existing job while it is queued, running or succeeded: looked up in the name -> slug record under
 # ${AR_STATE_DIR:-<repo>/.ar}/vessl/, then by name in `vesslctl job list`.
 # Exit: 0 submitted (or the existing job returned), 2 usage/precondition error, 3 VESSL unavailable
@@ -42,12 +42,6 @@ ar_parse_submit_args "$@"
 ar_need git jq flock sha256sum
 ar_resolve_submit "$repo"
 tag=$AR_RES_TAG sha=$AR_RES_SHA name=$AR_RES_NAME
-for pair in "${AR_RES_PAIRS[@]}"; do
-    case ${pair%%=*} in
-        AR_VESSL_MODE | AR_VESSL_COMMIT | AR_VESSL_RUN | AR_VESSL_MAX_S | AR_VESSL_INNER | AR_VESSL_GIT_URL | AR_VESSL_PYTHON)
-            ar_die 2 "--env ${pair%%=*}: set by the backend, not by you (see batch-job/README.md)" ;;
-    esac
-done
 vs_config
 vs_need_cli
 vs_auth_check
@@ -63,7 +57,7 @@ ohash=none
 ((${#AR_RES_PAIRS[@]} == 0)) || ohash=$(printf '%s\n' "${AR_RES_PAIRS[@]}" | sha256sum | cut -c1-8)
 commit_tag=c-${sha:0:7} overrides_tag=o-$ohash
 
-same_experiment() {  # same_experiment DIR -- the record ran this commit with these overrides
+same_experiment() {  # same_experiment DIR -- the record ran this commit with this AR_PROFILE / AR_DATA
     [[ $(jq --arg c "$sha" --argjson e "$env_json" '.commit == $c and .env == $e' "$1/meta.json") == true ]]
 }
 reuse() {  # reuse SLUG STATE -- print the existing job and stop
@@ -84,7 +78,7 @@ if [[ -f $root/names/$name ]]; then
         st=$(ar_state "$old_dir")
         if [[ $st == queued || $st == running || $st == succeeded ]]; then
             same_experiment "$old_dir" \
-                || ar_die 2 "name '$name' is taken by job $old ($st) for another commit or overrides; choose another --name"
+                || ar_die 2 "name '$name' is taken by job $old ($st) for another commit or AR_PROFILE/AR_DATA; choose another --name"
             reuse "$old" "$st"
         fi
         ended[$old]=1
@@ -111,7 +105,7 @@ while IFS=$'\t' read -r slug native tags; do
     [[ $mapped == queued || $mapped == running || $mapped == succeeded ]] || continue
     if [[ -n $tags ]]; then
         if [[ " $tags " != *" $commit_tag "* || " $tags " != *" $overrides_tag "* ]]; then
-            [[ -z $AR_ARG_NAME ]] || ar_die 2 "name '$name' is taken by VESSL job $slug ($mapped) for another commit or overrides; choose another --name"
+            [[ -z $AR_ARG_NAME ]] || ar_die 2 "name '$name' is taken by VESSL job $slug ($mapped) for another commit or AR_PROFILE/AR_DATA; choose another --name"
             continue
         fi
     else

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # submit.sh -- run one experiment on VESSL and wait for it (a linear keep/discard loop's one step).
 #
-# Usage: batch-job/submit.sh [--commit REV] [--env KEY=VALUE]... [--name NAME]
+# Usage: batch-job/submit.sh [--commit REV] [--name NAME]
 #
 # submit-async.sh with the same arguments, then wait-jobs.sh on the job id (printed on stderr).
-# stdout: the wait-jobs.sh block: `=== ID (STATE) ===` and the trainer's summary or log tail.
+# stdout: the wait-jobs.sh block: `=== ID (STATE) ===` and the summary block or the log tail.
 # Exit: that of submit-async.sh when it fails, else that of wait-jobs.sh (0 only if the job succeeded;
 #       130/143 interrupted, after terminating the job).
 #

@@ -4,12 +4,12 @@
 # Usage: batch-job/wait-jobs.sh ID...        (IDs: slugs printed by submit-async.sh)
 #
 # Polls `vesslctl job show SLUG -o json` (workloadState) every AR_VESSL_POLL_S seconds; never
-# follows logs. When a job ends, its result.json and full log are read from its run folder on the
-# object volume (the CLI log, capped at 1000 lines, and its AR_RESULT_JSON line are the fallback) and
-# kept in its record under ${AR_STATE_DIR:-<repo>/.ar}/vessl/jobs/<slug>/.
+# follows logs. When a job ends, its full log is read from its run folder on the object volume (the
+# CLI log, capped at 1000 lines, is the fallback) and kept in its record under
+# ${AR_STATE_DIR:-<repo>/.ar}/vessl/jobs/<slug>/.
 # stdout, per job, when it ends: `=== ID (STATE) ===` (succeeded|failed|timeout|cancelled), then the
-# trainer's summary verbatim (`---` through `AR_RESULT_JSON: {...}`; rebuilt from result.json if the
-# log lacks it), or the last 25 log lines when the job did not succeed.
+# summary block of its log (the last `---` line and the `key: value` lines after it) when it
+# succeeded (its command exited 0), else the last 40 log lines.
 # stderr: timestamped state changes.
 # Jobs not ended at the deadline are terminated (`vesslctl job terminate`, -> timeout); SIGINT /
 # SIGTERM terminate every unfinished job (-> cancelled). No job it gave up on is left running.

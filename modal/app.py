@@ -16,7 +16,7 @@
 # - an Image with the project's pinned dependencies,
 # - a Volume with the prepared data, the tokenizer and the compile cache,
 # - `prep`, which fills the Volume once,
-# - `run_experiment`, which runs one experiment from a code snapshot and returns its result,
+# - `run_experiment`, which runs one experiment from a code snapshot and returns its log and summary,
 # - three local entrypoints: `prepare`, `experiment` (one blocking run, a smoke test) and `sandbox`
 #   (an interactive GPU container for debugging).
 
@@ -30,8 +30,8 @@
 # Function's `env`, so the container sees the configuration it was deployed with.
 
 import io
-import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -100,7 +100,7 @@ image = (
 # `prepare/prepare.py` keeps everything under `AR_CACHE_DIR`: the data shards, the tokenizer of each
 # profile and `inductor/`, the compile cache that `trainer/train.py` points `TORCHINDUCTOR_CACHE_DIR`
 # at. With `AR_CACHE_DIR` on a Volume, a container starts with the data in place and with kernels
-# compiled by earlier runs. Each run also writes its log and `result.json` under its own directory,
+# compiled by earlier runs. Each run also writes its log and `exit_code` under its own directory,
 # `runs/<call id>/`, so a result survives even when the caller never collects it.
 
 # A container sees the Volume as it was when the container started (`reload()` catches up) and its
@@ -142,8 +142,8 @@ def gpu_name() -> str:
 
 def run_streaming(cmd: list[str], cwd: str, env: dict, log_path: Path, limit_s: float) -> int:
     """Run `cmd`, copying its output to `log_path` and to this container's stdout (Modal's live
-    logs). After `limit_s` seconds it gets SIGTERM (the trainer then prints a FAIL line, writes its
-    result and exits 143), SIGKILL 30 s later. Whatever interrupts us (a cancelled call) stops it too."""
+    logs). After `limit_s` seconds it gets SIGTERM (the trainer then prints a FAIL line and exits
+    143), SIGKILL 30 s later. Whatever interrupts us (a cancelled call) stops it too."""
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
 
@@ -177,13 +177,18 @@ def run_streaming(cmd: list[str], cwd: str, env: dict, log_path: Path, limit_s: 
 
 
 def summary_block(log: str) -> str:
-    """The trainer's summary: the last `---` line through the `AR_RESULT_JSON:` line after it."""
+    """The trainer's summary block: the last line that is exactly `---` and the `key: value` lines
+    right after it ("" when there is none)."""
     lines = log.splitlines()
-    end = max((i for i, line in enumerate(lines) if line.startswith("AR_RESULT_JSON: ")), default=None)
-    if end is None:
+    start = max((i for i, line in enumerate(lines) if line == "---"), default=None)
+    if start is None:
         return ""
-    start = max((i for i, line in enumerate(lines[:end]) if line == "---"), default=None)
-    return "" if start is None else "\n".join(lines[start:end + 1]) + "\n"
+    block = []
+    for line in lines[start + 1:]:
+        if not re.match(r"[A-Za-z_]\w*:(\s|$)", line):
+            break
+        block.append(line)
+    return "\n".join(["---", *block]) + "\n" if block else ""
 
 
 # ## Filling the Volume: `prep`
@@ -221,15 +226,15 @@ def prep(snapshot: bytes, profile: str = "full", data: str = "", num_shards: int
 
 # ## One experiment: `run_experiment`
 
-# The job is a dict: `name` (the job name), `commit`, `env` (the effective overrides: `AR_<KNOB>`,
-# `AR_PROFILE`, `AR_DATA`), `snapshot` (tar bytes), optionally `forward` (harness settings such as
+# The job is a dict: `name` (the job name), `commit`, `env` (`AR_PROFILE`, `AR_DATA` when set at
+# submit), `snapshot` (tar bytes), optionally `forward` (harness settings such as
 # `AR_PROGRESS_INTERVAL_S`) and `limit_s` (the trainer's time limit, below the Function's timeout).
 
-# The trainer gets a clean environment: no `AR_` variable of the container except the job's own,
-# `AR_CACHE_DIR` on the Volume and `AR_RESULT_PATH` in the run's directory. The call returns the
-# trainer's `result.json`, its summary block, the log (its last `LOG_TAIL_BYTES`, in practice all of
-# it) and the GPU it ran on. A failed experiment is a normal return with `state: "failed"`; an
-# exception means the function itself broke.
+# The trainer gets a clean environment: no `AR_` variable of the container except the job's own and
+# `AR_CACHE_DIR` on the Volume. The call returns the trainer's exit code, its summary block, the log
+# (its last `LOG_TAIL_BYTES`, in practice all of it) and the GPU it ran on. The experiment succeeded
+# when the trainer exited 0; a failed one is a normal return with `state: "failed"`; an exception
+# means the function itself broke.
 
 LOG_TAIL_BYTES = 1_000_000
 
@@ -244,14 +249,14 @@ def run_experiment(job: dict) -> dict:
     call_id = modal.current_function_call_id() or f"local-{job['name']}-{os.getpid()}-{int(started)}"
     run_dir = cache / "runs" / call_id
     run_dir.mkdir(parents=True, exist_ok=True)
-    log_path, result_path = run_dir / "log", run_dir / "result.json"
+    log_path = run_dir / "log"
     gpu = gpu_name()
     limit_s = max(60.0, min(float(job.get("limit_s") or TIMEOUT_S), TIMEOUT_S - 60.0))
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("AR_")}
     env.update(job.get("forward") or {})
     env.update(job.get("env") or {})
-    env.update(AR_CACHE_DIR=str(cache), AR_RESULT_PATH=str(result_path), PYTHONUNBUFFERED="1")
+    env.update(AR_CACHE_DIR=str(cache), PYTHONUNBUFFERED="1")
     try:
         with log_path.open("a") as log:
             log.write(f"[ar-modal] {now()} {job['name']}: commit {job.get('commit', '?')} on {gpu} "
@@ -259,14 +264,10 @@ def run_experiment(job: dict) -> dict:
         with tempfile.TemporaryDirectory(prefix="ar-run-") as work:
             unpack(job["snapshot"], work)
             code = run_streaming([sys.executable, "trainer/train.py"], work, env, log_path, limit_s)
-        try:
-            result = json.loads(result_path.read_text())
-        except (OSError, ValueError):
-            result = None
-        state = "succeeded" if code == 0 and (result or {}).get("status") == "ok" else "failed"
+        state = "succeeded" if code == 0 else "failed"
+        (run_dir / "exit_code").write_text(f"{code}\n")
         with log_path.open("a") as log:
-            log.write(f"[ar-modal] {now()} trainer exited with code {code}, result status "
-                      f"'{(result or {}).get('status', 'none')}' -> {state}\n")
+            log.write(f"[ar-modal] {now()} trainer exited with code {code} -> {state}\n")
     finally:
         if in_container:
             volume.commit()  # the run's log and result, and what the compile cache learned
@@ -274,7 +275,7 @@ def run_experiment(job: dict) -> dict:
     data = log_path.read_bytes()
     log = data[-LOG_TAIL_BYTES:].decode(errors="replace")
     return {
-        "name": job["name"], "call_id": call_id, "state": state, "exit_code": code, "result": result,
+        "name": job["name"], "call_id": call_id, "state": state, "exit_code": code,
         "summary": summary_block(log), "log": log, "log_truncated": len(data) > LOG_TAIL_BYTES,
         "gpu": gpu, "gpu_requested": GPU_SPEC, "run_dir": f"runs/{call_id}",
         "seconds": round(time.time() - started, 1),
@@ -294,7 +295,7 @@ def prepare(profile: str = "full", data: str = "", num_shards: int = 0, commit: 
 
 
 # One experiment, start to finish, blocking: the single-GPU smoke test of the whole path (snapshot,
-# image, Volume, trainer, result). Rounds use the deployed app instead (`README.md`).
+# image, Volume, trainer, summary block). Rounds use the deployed app instead (`README.md`).
 
 #     modal run modal/app.py::experiment --profile smoke
 
@@ -306,7 +307,7 @@ def experiment(profile: str = "smoke", commit: str = "HEAD"):
     out = run_experiment.remote({"name": f"ar-try-{sha[:7]}", "commit": sha, "env": {"AR_PROFILE": profile},
                                  "snapshot": git_snapshot(sha)})
     print(out["summary"] or out["log"][-4000:])
-    print(f"{out['state']} on {out['gpu']} in {out['seconds']}s; log and result.json on the Volume "
+    print(f"{out['state']} on {out['gpu']} in {out['seconds']}s; log and exit_code on the Volume "
           f"{VOLUME_NAME} under {out['run_dir']}/")
 
 

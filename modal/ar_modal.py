@@ -6,7 +6,7 @@ modal-deploy`) through four calls of the `modal` package, and keeps the records 
 ${AR_STATE_DIR:-<repo>/.ar}/modal/:
 
     names/<name>            the latest call id of that job name (the idempotency index)
-    jobs/<call id>/         meta.json, state, log, result.json (all written atomically), .lock
+    jobs/<call id>/         meta.json, state, log (all written atomically), .lock
     submit.lock             one submit at a time
 
     submit --name N --tag T --commit SHA --env-json JSON --tar FILE [--limit-s S]
@@ -159,16 +159,14 @@ class Job:
             self._set_state(new, **fields)
         return True
 
-    def finish(self, state, log=None, result=None, note=None, **fields):
-        """Record an outcome of a queued or running job: log, result, note, then the terminal state.
+    def finish(self, state, log=None, note=None, **fields):
+        """Record an outcome of a queued or running job: log, note, then the terminal state.
         A job that is already terminal keeps its records as they are (returns False)."""
         with self.locked():
             if self.state not in ("queued", "running"):
                 return False
             if log is not None:
                 write_atomic(self.dir / "log", log if log.endswith("\n") or not log else log + "\n")
-            if result is not None:
-                write_json(self.dir / "result.json", result)
             if note:
                 self.note(note)
             self._set_state(state, **fields)
@@ -214,13 +212,12 @@ def record(job, out):
     if not isinstance(out, dict) or out.get("state") not in ("succeeded", "failed"):
         job.finish("failed", note=f"unexpected return value from {FUNCTION}: {str(out)[:200]} -> failed")
         return
-    result = out.get("result") if isinstance(out.get("result"), dict) else None
     note = (f"collected call {job.id}: {out['state']} on {out.get('gpu', '?')} "
             f"(requested {out.get('gpu_requested', '?')}), {out.get('seconds', '?')}s; "
-            f"log and result.json also on the Volume {VOLUME_NAME} under {out.get('run_dir', '?')}/")
+            f"log and exit_code also on the Volume {VOLUME_NAME} under {out.get('run_dir', '?')}/")
     if out.get("log_truncated"):
         note += " (this log is the tail; the full one is on the Volume)"
-    job.finish(out["state"], log=out.get("log") or "", result=result, note=note, exit_code=out.get("exit_code"),
+    job.finish(out["state"], log=out.get("log") or "", note=note, exit_code=out.get("exit_code"),
                gpu=out.get("gpu"), gpu_requested=out.get("gpu_requested"), run_dir=out.get("run_dir"))
 
 
@@ -236,17 +233,13 @@ def recover_from_volume(m, job):
                 raise u from None
             return None
 
-    log, raw = read("log"), read("result.json")
-    try:
-        result = json.loads(raw) if raw else None
-    except ValueError:
-        result = None
-    if result is None:
+    log, code = read("log"), (read("exit_code") or "").strip()
+    if not code.lstrip("-").isdigit():
         job.finish("failed", log=log, note="Modal has no result for the call (expired, or cancelled elsewhere) "
-                   f"and the Volume has no runs/{job.id}/result.json -> failed")
+                   f"and the Volume has no runs/{job.id}/exit_code -> failed")
         return
-    state = "succeeded" if result.get("status") == "ok" else "failed"  # the trainer writes ok only on success
-    job.finish(state, log=log, result=result, run_dir=f"runs/{job.id}",
+    state = "succeeded" if int(code) == 0 else "failed"  # app.py writes exit_code once the trainer has ended
+    job.finish(state, log=log, run_dir=f"runs/{job.id}", exit_code=int(code),
                note=f"the call's result expired on Modal; recovered from the Volume (runs/{job.id}/) -> {state}")
 
 
@@ -279,7 +272,7 @@ def cmd_submit(m, args):
                 meta = old.meta
                 if meta.get("commit") != args.commit or meta.get("env") != env:
                     raise UsageError(f"name '{args.name}' is taken by job {old.id} ({st}) for another commit "
-                                     "or overrides; choose another --name")
+                                     "or AR_PROFILE/AR_DATA; choose another --name")
                 warn(f"{args.name}: already submitted as {old.id} ({st}); not starting another")
                 print(old.id)
                 return 0

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # submit-async.sh -- submit one experiment to Modal (the deployed app); prints its job id.
 #
-# Usage: modal/submit-async.sh [--commit REV] [--env KEY=VALUE]... [--name NAME]
+# Usage: modal/submit-async.sh [--commit REV] [--name NAME]
 #
 #   --commit REV     commit to run (default HEAD; without it a dirty working tree is refused)
-#   --env KEY=VALUE  trainer override, e.g. --env AR_MATRIX_LR=0.05 (AR_<KNOB> or a harness name)
-#   --name NAME      job name instead of ar-<tag>-<shortsha>[-<overrides hash>]; the idempotency key
+#   --name NAME      job name instead of ar-<tag>-<shortsha>[-<hash of AR_PROFILE/AR_DATA>]; the
+#                    idempotency key
 #
 # Spawns run_experiment of the deployed Modal app with a snapshot of the commit (`git archive`) and
-# the effective overrides, and returns at once. stdout: exactly one line, the job id -- the Modal
-# FunctionCall id (fc-...). The same (tag, commit, overrides) again returns the existing call while it
+# AR_PROFILE / AR_DATA, and returns at once. stdout: exactly one line, the job id -- the Modal
+# FunctionCall id (fc-...). The same (tag, commit, profile, data) again returns the existing call while it
 # is queued, running or succeeded (name -> id records under ${AR_STATE_DIR:-<repo>/.ar}/modal/).
 # The call's server-side limit: the Function's timeout (AR_MODAL_TIMEOUT_S at deploy time, default
 # 1800 s); the trainer itself is stopped after AR_TIMEOUT_S (or the wait's default for its profile) + 300 s.

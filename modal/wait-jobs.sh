@@ -6,8 +6,8 @@
 # Collects each call with FunctionCall.get(timeout=0) every AR_MODAL_POLL_S seconds (a call still
 # running raises TimeoutError; a result Modal no longer keeps is read back from the Volume).
 # stdout, per job, when it ends: `=== ID (STATE) ===` (succeeded|failed|timeout|cancelled), then the
-# trainer's summary verbatim (`---` through `AR_RESULT_JSON: {...}`; rebuilt from result.json if the
-# log lacks it), or the last 25 log lines when the job did not succeed.
+# summary block of its log (the last `---` line and the `key: value` lines after it) when it
+# succeeded (the trainer exited 0), else the last 40 log lines.
 # stderr: timestamped state changes.
 # Jobs still queued or running at the deadline are cancelled with FunctionCall.cancel (-> timeout);
 # SIGINT / SIGTERM cancel every unfinished job (-> cancelled).

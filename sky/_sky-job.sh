@@ -81,7 +81,7 @@ submit_sky() {  # run `sky "${cmd[@]}"` into submit.log (killable by on_signal);
 
 echo "$$" | ar_write "$dir/pid"  # setsid made this shell the leader of the job's process group
 
-# The job's environment on SkyPilot: effective overrides, forwarded settings, and its identity.
+# The job's environment on SkyPilot: AR_PROFILE / AR_DATA, forwarded settings, and its identity.
 envs=()
 while IFS= read -r pair; do
     envs+=(--env "$pair")  # one argv element each: a value is never evaluated by a shell

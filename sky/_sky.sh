@@ -90,7 +90,7 @@ sk_mjob_by_name() {  # sk_mjob_by_name NAME -- the newest unfinished managed job
 # ---- refreshing a record from SkyPilot -----------------------------------------------------------
 # sk_refresh DIR -- bring a queued/running record up to date: a supervisor that died before its
 # SkyPilot job existed -> failed; otherwise ask `sky logs CLUSTER N --status` and, once the job has
-# ended, fetch its log and result (sk_finalize).
+# ended, fetch its log (sk_finalize).
 sk_refresh() {
     local dir=$1 st cluster jid out rc sky_st cst
     st=$(ar_state "$dir")
@@ -175,10 +175,10 @@ sk_refresh_managed() {
 }
 
 # sk_finalize DIR SKY_STATUS -- the job has ended on its cluster: fetch its full log (without the
-# line prefixes) and its result (the trainer's AR_RESULT_JSON line), then record succeeded (SkyPilot
-# SUCCEEDED and result status ok), cancelled or failed. Never overwrites a terminal state.
+# line prefixes), then record succeeded (SkyPilot SUCCEEDED: the run exited 0), cancelled or failed.
+# Never overwrites a terminal state.
 sk_finalize() {
-    local dir=$1 sky_st=$2 cluster jid out final status i
+    local dir=$1 sky_st=$2 cluster jid out final i
     cluster=$(ar_meta "$dir" .cluster)
     jid=$(ar_meta "$dir" .sky_job_id)
     out=""
@@ -188,9 +188,8 @@ sk_finalize() {
             sleep "$i"
         done
     fi
-    status=$(jq -r '.status // empty' "$dir/result.json" 2>/dev/null || true)
     case $sky_st in
-        SUCCEEDED) final=failed; [[ $status != ok ]] || final=succeeded ;;
+        SUCCEEDED) final=succeeded ;;
         CANCELLED) final=cancelled ;;
         *) final=failed ;;
     esac
@@ -198,9 +197,9 @@ sk_finalize() {
         local why
         why=$(ar_meta "$dir" '.failure_reason // empty')
         case $sky_st in
-            CLUSTER_GONE) sk_note "$dir" "failed: cluster $cluster is gone (torn down, autodowned or preempted) before the job's end was seen; its result may still be on the storage under results/$(basename "$dir")/" ;;
+            CLUSTER_GONE) sk_note "$dir" "failed: cluster $cluster is gone (torn down, autodowned or preempted) before the job's end was seen" ;;
             NOT_FOUND) sk_note "$dir" "failed: SkyPilot $(sk_handle "$dir") is not listed any more (sky queue / sky jobs queue -a)" ;;
-            *) sk_note "$dir" "SkyPilot $(sk_handle "$dir") ended $sky_st${why:+ ($why)}, result status '${status:-none}' -> $final" ;;
+            *) sk_note "$dir" "SkyPilot $(sk_handle "$dir") ended $sky_st${why:+ ($why)} -> $final" ;;
         esac
         [[ -n $out || $sky_st == CLUSTER_GONE || $sky_st == NOT_FOUND ]] \
             || sk_note "$dir" "warning: could not fetch the log ($(sk_log_cmd "$dir"))"
@@ -225,20 +224,12 @@ sk_remote_log() {  # sk_remote_log DIR -- the job's log as SkyPilot has it so fa
     fi
 }
 
-# sk_fetch_log DIR -- append the SkyPilot job's whole log (without line prefixes) to DIR/log and keep
-# its last AR_RESULT_JSON line as DIR/result.json.
+# sk_fetch_log DIR -- append the SkyPilot job's whole log (without line prefixes) to DIR/log.
 sk_fetch_log() {
     local dir=$1 out
     out=$(sk_remote_log "$dir" 2>/dev/null) || return 1
     [[ -n $out ]] || return 0
     sk_strip <<<"$out" >>"$dir/log"
-    grep -a '^AR_RESULT_JSON: ' "$dir/log" | tail -n 1 | sed 's/^AR_RESULT_JSON: //' \
-        | jq -c . 2>/dev/null | ar_write "$dir/result.json.new" || true
-    if [[ -s $dir/result.json.new ]]; then
-        mv -f "$dir/result.json.new" "$dir/result.json"
-    else
-        rm -f "$dir/result.json.new"
-    fi
 }
 
 # sk_reap_cluster DIR -- after a launch or setup failure SkyPilot keeps the cluster up for debugging

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # submit-async.sh -- submit one experiment to a pool of SkyPilot clusters; prints its job id.
 #
-# Usage: sky/submit-async.sh [--commit REV] [--env KEY=VALUE]... [--name NAME]
+# Usage: sky/submit-async.sh [--commit REV] [--name NAME]
 #
 #   --commit REV     commit to run (default HEAD; without it a dirty working tree is refused)
-#   --env KEY=VALUE  trainer override, e.g. --env AR_MATRIX_LR=0.05 (AR_<KNOB> or a harness name)
-#   --name NAME      job name instead of ar-<tag>-<shortsha>[-<overrides hash>]; the idempotency key
+#   --name NAME      job name instead of ar-<tag>-<shortsha>[-<hash of AR_PROFILE/AR_DATA>]; the
+#                    idempotency key
 #
 # stdout: exactly one line, the job id (the job name; <name>-<n> for a retry after a failure). The
 # SkyPilot job behind it (<cluster>:<N>) is in the record's meta.json and in `logs.sh`.
-# The same (tag, commit, overrides) again returns the existing job while it is queued, running or
+# The same (tag, commit, profile, data) again returns the existing job while it is queued, running or
 # succeeded. The job goes to a cluster of the pool ar-<tag>-01 .. ar-<tag>-NN (NN = SKY_MAX_CLUSTERS;
 # ar-<tag>-<gpu>-NN with AR_SKY_GPU): an UP cluster with an empty queue (`sky exec`, no setup), else
 # a new one (`sky launch -c NAME ... -d -y -i MIN --down --wait-for jobs`), else, all busy and the

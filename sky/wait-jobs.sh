@@ -9,8 +9,8 @@
 # Managed jobs (AR_SKY_MANAGED=1): one `sky jobs queue -o json` per poll for all of them, and
 # `sky jobs logs N --no-follow --tail 0`; RECOVERING (preempted) counts as running.
 # stdout, per job, when it ends: `=== ID (STATE) ===` (succeeded|failed|timeout|cancelled), then the
-# trainer's summary verbatim (`---` through `AR_RESULT_JSON: {...}`; rebuilt from result.json if the
-# log lacks it), or the last 25 log lines when the job did not succeed.
+# summary block of its log (the last `---` line and the `key: value` lines after it) when it
+# succeeded (SkyPilot SUCCEEDED: the run exited 0), else the last 40 log lines.
 # stderr: timestamped state changes.
 # Jobs still queued or running at the deadline are cancelled (`sky cancel`; -> timeout); SIGINT /
 # SIGTERM cancel every unfinished job (-> cancelled). A job whose launch failed, whose supervisor

@@ -1,13 +1,12 @@
 """The Modal backend (modal/): the app's declared configuration through the real `modal` package,
 its function body through Modal's own `Function.local()`, and the client's submit/wait/cancel logic
 against a test double of the `modal` calls (tests/fakes/modal/fake_modal.py) with its failure modes.
-The shared contract suite runs these scripts too (tests/contract/backend_modal.py).
-No Modal account or network: nothing here reaches Modal."""
+The jobs run a fake trainer (no torch). No Modal account or network: nothing here reaches Modal.
+To be rewritten with the recipe (issue 14)."""
 
 import importlib.util
 import inspect
 import io
-import json
 import os
 import re
 import shutil
@@ -17,7 +16,6 @@ import time
 import tomllib
 import types
 import warnings
-from pathlib import Path
 
 import pytest
 from conftest import PY, REPO, clean_env
@@ -186,47 +184,70 @@ def test_client_defaults_match_the_app(app_mod):
 
 
 # ---------------------------------------------------------------------------------------------
-# The function body, through Modal's own Function.local()
+# The function body, through Modal's own Function.local(), on a fake trainer
 # ---------------------------------------------------------------------------------------------
-def snapshot():
-    """A tar of the working tree's trainer/ and prepare/ (what `git archive` gives a job)."""
+FAKE_TRAINER = '''\
+"""A stand-in for trainer/train.py: MODE and SLEEP_S are edited and committed."""
+import os, sys, time
+MODE = "ok"
+SLEEP_S = 0.0
+print(f"fake trainer profile={os.environ.get('AR_PROFILE', '-')} depth_env={os.environ.get('AR_DEPTH', '-')}")
+sys.stdout.flush()
+time.sleep(SLEEP_S)
+if MODE == "crash":
+    print("Traceback (most recent call last):", file=sys.stderr)
+    print("torch.OutOfMemoryError: CUDA out of memory.", file=sys.stderr)
+    sys.exit(1)
+print("---")
+print("val_bpb:          1.250000")
+print("depth:            8", flush=True)
+'''
+BLOCK = "---\nval_bpb:          1.250000\ndepth:            8\n"
+
+
+def snapshot(trainer=FAKE_TRAINER):
+    """A tar with trainer/train.py (what `git archive` gives a job)."""
     buf = io.BytesIO()
+    data = trainer.encode()
     with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name in ("trainer", "prepare"):
-            tar.add(REPO / name, arcname=name, filter=lambda t: None if "__pycache__" in t.name else t)
+        info = tarfile.TarInfo("trainer/train.py")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()
 
 
-def run_local(app_mod, monkeypatch, cache, **env):
+def run_local(app_mod, monkeypatch, cache, trainer=FAKE_TRAINER):
     monkeypatch.setenv("AR_CACHE_DIR", str(cache))
-    monkeypatch.setenv("AR_DEPTH", "4")  # a stray knob in the container's environment must not leak in
-    monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    job = {"name": "ar-test-0000000", "commit": "0" * 40, "env": {"AR_PROFILE": "smoke", **env},
-           "snapshot": snapshot()}
+    monkeypatch.setenv("AR_DEPTH", "4")  # an AR_ variable of the container's environment does not leak in
+    job = {"name": "ar-test-0000000", "commit": "0" * 40, "env": {"AR_PROFILE": "smoke"},
+           "snapshot": snapshot(trainer)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return app_mod.run_experiment.local(job)
 
 
-def test_run_experiment_body_local(app_mod, ar_cache, monkeypatch):
-    out = run_local(app_mod, monkeypatch, ar_cache)
+def test_run_experiment_body_local(app_mod, tmp_path, monkeypatch):
+    out = run_local(app_mod, monkeypatch, tmp_path)
     assert out["state"] == "succeeded" and out["exit_code"] == 0, out["log"][-3000:]
-    result = out["result"]
-    assert result["status"] == "ok" and result["profile"] == "smoke" and result["depth"] == 2
-    assert out["gpu"] == "cpu" and result["gpu"] == "cpu" and out["gpu_requested"] == "H100!"
-    lines = out["summary"].strip().splitlines()
-    assert lines[0] == "---" and lines[1].startswith("val_bpb:") and lines[-1].startswith("AR_RESULT_JSON: ")
-    assert "step " in out["log"] and out["log"].startswith("[ar-modal]") and not out["log_truncated"]
-    run_dir = ar_cache / out["run_dir"]  # its own path on the "Volume"
-    assert json.loads((run_dir / "result.json").read_text())["val_bpb"] == result["val_bpb"]
-    assert (run_dir / "log").read_text() == out["log"]
+    assert out["summary"] == BLOCK
+    assert "fake trainer profile=smoke depth_env=-" in out["log"] and out["log"].startswith("[ar-modal]")
+    assert out["gpu"] == "cpu" and out["gpu_requested"] == "H100!" and not out["log_truncated"]
+    run_dir = tmp_path / out["run_dir"]  # its own path on the "Volume"
+    assert (run_dir / "log").read_text() == out["log"] and (run_dir / "exit_code").read_text() == "0\n"
+    assert "result" not in out
 
 
-def test_run_experiment_body_failure(app_mod, ar_cache, monkeypatch):
-    out = run_local(app_mod, monkeypatch, ar_cache, AR_NO_SUCH_KNOB="1")  # bad configuration: exit 2, no result
-    assert out["state"] == "failed" and out["exit_code"] == 2 and out["result"] is None
-    assert "AR_NO_SUCH_KNOB" in out["log"] and out["summary"] == ""
-    assert "-> failed" in out["log"].splitlines()[-1]
+def test_run_experiment_body_failure(app_mod, tmp_path, monkeypatch):
+    out = run_local(app_mod, monkeypatch, tmp_path, FAKE_TRAINER.replace('MODE = "ok"', 'MODE = "crash"'))
+    assert out["state"] == "failed" and out["exit_code"] == 1 and out["summary"] == ""
+    assert "torch.OutOfMemoryError" in out["log"] and "-> failed" in out["log"].splitlines()[-1]
+
+
+def test_summary_block_is_the_last_dashes_and_the_key_lines_after(app_mod):
+    f = app_mod.summary_block
+    assert f("x\n---\nold: 1\n" + BLOCK + "[ar-modal] note\n") == BLOCK
+    assert f(BLOCK + "AR_RESULT_JSON: {}\n") == BLOCK + "AR_RESULT_JSON: {}\n"  # a JSON line is just another key
+    assert f("no block\n") == f("---\n") == f("---\nnot a key line\n") == ""
 
 
 def test_trainer_time_limit(app_mod, tmp_path):
@@ -310,13 +331,12 @@ def test_still_running_is_not_an_outcome(client):
 
 def test_outcome_recorded(client):
     job = make_job(client)
-    out = {"state": "succeeded", "exit_code": 0, "result": {"status": "ok", "val_bpb": 1.5}, "log": "---\nx\n",
+    out = {"state": "succeeded", "exit_code": 0, "log": "---\nx: 1\n", "summary": "---\nx: 1\n",
            "gpu": "NVIDIA H100 80GB HBM3", "gpu_requested": "H100!", "run_dir": "runs/fc-JOB1", "seconds": 400}
     m = stub_modal(get=out)
     client.collect(m, job)
-    assert job.state == "succeeded" and job.meta["gpu"] == "NVIDIA H100 80GB HBM3"
-    assert json.loads((job.dir / "result.json").read_text())["val_bpb"] == 1.5
-    assert (job.dir / "log").read_text().startswith("---\nx\n[ar-modal]")
+    assert job.state == "succeeded" and job.meta["gpu"] == "NVIDIA H100 80GB HBM3" and job.meta["exit_code"] == 0
+    assert (job.dir / "log").read_text().startswith("---\nx: 1\n[ar-modal]")
     assert m.calls == [("get", "fc-JOB1", 0.0)]
     client.collect(m, job)  # terminal: never asked again
     assert len(m.calls) == 1
@@ -325,9 +345,12 @@ def test_outcome_recorded(client):
 def test_expired_result_is_read_back_from_the_volume(client):
     fake = FAKE_MOD
     job = make_job(client)
-    files = {"runs/fc-JOB1/result.json": json.dumps({"status": "ok", "val_bpb": 1.2}), "runs/fc-JOB1/log": "log\n"}
+    files = {"runs/fc-JOB1/exit_code": "0\n", "runs/fc-JOB1/log": "log\n", "runs/fc-JOB3/exit_code": "1\n"}
     client.collect(stub_modal(get=fake.exception.OutputExpiredError(), files=files), job)
     assert job.state == "succeeded" and "recovered from the Volume" in (job.dir / "log").read_text()
+    crashed = make_job(client, "fc-JOB3")
+    client.collect(stub_modal(get=fake.exception.OutputExpiredError(), files=files), crashed)
+    assert crashed.state == "failed" and crashed.meta["exit_code"] == 1
     gone = make_job(client, "fc-JOB2")
     client.collect(stub_modal(get=fake.exception.OutputExpiredError()), gone)
     assert gone.state == "failed" and "expired" in (gone.dir / "log").read_text()
@@ -370,7 +393,7 @@ def test_cancel_retries_then_reports(client, monkeypatch, capsys):
 
 def test_cancel_keeps_a_just_finished_outcome(client, monkeypatch):
     job = make_job(client, state="running")
-    m = stub_modal(get={"state": "succeeded", "exit_code": 0, "result": {"status": "ok"}, "log": "done\n"})
+    m = stub_modal(get={"state": "succeeded", "exit_code": 0, "log": "done\n"})
     monkeypatch.setattr(client, "load_modal", lambda: m)
     assert client.main(["cancel", job.id]) == 0
     assert job.state == "succeeded" and not [c for c in m.calls if c[0] == "cancel"]
@@ -392,27 +415,41 @@ def test_spawned_call_is_cancelled_when_its_record_cannot_be_written(client, mon
 
 
 # ---------------------------------------------------------------------------------------------
-# The scripts against the fake platform: failure modes end to end
+# The scripts against the fake platform: submit -> wait -> summary block, failures, cancel
 # ---------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def fake_repo(tmp_path_factory, ar_cache):
-    tmp = tmp_path_factory.mktemp("modal-fake")
-    repo = tmp / "repo"
-    repo.mkdir()
-    for name in ("trainer", "prepare", "modal"):
-        shutil.copytree(REPO / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / ".gitignore", repo / ".gitignore")
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@test.invalid"]
+GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@test.invalid"]
+
+
+@pytest.fixture
+def fake_repo(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "trainer").mkdir(parents=True)
+    shutil.copytree(REPO / "modal", repo / "modal", ignore=shutil.ignore_patterns("__pycache__"))
+    (repo / "trainer" / "train.py").write_text(FAKE_TRAINER)
+    (repo / ".gitignore").write_text(".ar/\n")
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
-    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
-    subprocess.run([*git, "commit", "-qm", "t"], cwd=repo, check=True)
-    server = tmp / "server"
-    env = clean_env(AR_STATE_DIR=tmp / "state", AR_MODAL_PYTHON=PY, AR_MODAL_FAKE=FAKE, AR_MODAL_FAKE_DIR=server,
-                    AR_MODAL_POLL_S="0.3", AR_CACHE_DIR=ar_cache, AR_PROFILE="smoke", AR_TAG="modal")
-    return types.SimpleNamespace(repo=repo, env=env, server=server)
+    server, volume = tmp_path / "server", tmp_path / "volume"
+    volume.mkdir()
+    env = clean_env(AR_STATE_DIR=tmp_path / "state", AR_MODAL_PYTHON=PY, AR_MODAL_FAKE=FAKE,
+                    AR_MODAL_FAKE_DIR=server, AR_MODAL_POLL_S="0.2", AR_CACHE_DIR=volume, AR_PROFILE="smoke",
+                    AR_TAG="modal")
+    fr = types.SimpleNamespace(repo=repo, env=env, server=server, volume=volume)
+    commit(fr, "fake trainer")
+    return fr
 
 
-def sh(fr, script, *args, timeout=300, **env):
+def commit(fr, message, **constants):
+    train = fr.repo / "trainer" / "train.py"
+    text = train.read_text()
+    for name, value in constants.items():
+        old = next(line for line in text.splitlines() if line.startswith(f"{name} = "))
+        text = text.replace(old, f"{name} = {value!r}")
+    train.write_text(text)
+    subprocess.run(["git", "add", "-A"], cwd=fr.repo, check=True)
+    subprocess.run([*GIT, "commit", "-qm", message], cwd=fr.repo, check=True)
+
+
+def sh(fr, script, *args, timeout=120, **env):
     return subprocess.run([str(fr.repo / "modal" / script), *args], cwd=fr.repo, env={**fr.env, **env},
                           capture_output=True, text=True, timeout=timeout)
 
@@ -424,17 +461,26 @@ def deploy(fr):
 
 def blocks(stdout):
     parts = HEADER.split(stdout)
-    return {parts[i]: (parts[i + 1], parts[i + 2]) for i in range(1, len(parts), 3)}
+    return {parts[i]: (parts[i + 1], parts[i + 2].removeprefix("\n")) for i in range(1, len(parts), 3)}
 
 
-def test_not_deployed_and_not_authenticated(fake_repo):
-    proc = sh(fake_repo, "submit-async.sh", "--env", "AR_SEED=1")
-    assert proc.returncode == 3 and proc.stdout == ""
+def test_submit_wait_prints_the_summary_block_and_resubmit_returns_the_call(fake_repo):
+    proc = sh(fake_repo, "submit-async.sh")
+    assert proc.returncode == 3 and proc.stdout == ""  # not deployed yet: nothing spawned, exit 3
     assert "make modal-deploy" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     deploy(fake_repo)
-    proc = sh(fake_repo, "submit-async.sh", "--env", "AR_SEED=1", AR_MODAL_FAKE_MODE="unauthenticated")
+    proc = sh(fake_repo, "submit-async.sh", AR_MODAL_FAKE_MODE="unauthenticated")
     assert proc.returncode == 3 and "modal setup" in proc.stderr and proc.stdout == ""
-    assert not (fake_repo.server / "calls").exists()  # nothing was spawned
+    assert not (fake_repo.server / "calls").exists()
+    job = sh(fake_repo, "submit-async.sh").stdout.strip()
+    assert job.startswith("fc-") and sh(fake_repo, "submit-async.sh").stdout.strip() == job
+    proc = sh(fake_repo, "wait-jobs.sh", job)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"=== {job} (succeeded) ===\n{BLOCK}"
+    assert "fake trainer profile=smoke" in sh(fake_repo, "logs.sh", job).stdout
+    assert sh(fake_repo, "submit-async.sh").stdout.strip() == job  # succeeded: still the same call
+    proc = sh(fake_repo, "submit-async.sh", "--env", "AR_DEPTH=4")
+    assert proc.returncode == 2 and "--env is gone" in proc.stderr
 
 
 def test_modal_package_missing(fake_repo, tmp_path):
@@ -447,42 +493,46 @@ def test_modal_package_missing(fake_repo, tmp_path):
     assert proc.returncode == 3 and "pip install modal" in proc.stderr, proc.stderr
 
 
-def test_failing_and_crashing_calls(fake_repo):
+def test_crashing_trainer_raising_function_and_dying_container(fake_repo):
     deploy(fake_repo)
-    raised = sh(fake_repo, "submit-async.sh", "--env", "AR_SEED=2", AR_MODAL_FAKE_MODE="raise").stdout.strip()
-    crashed = sh(fake_repo, "submit-async.sh", "--env", "AR_SEED=3", AR_MODAL_FAKE_MODE="crash").stdout.strip()
-    assert raised.startswith("fc-") and crashed.startswith("fc-")
-    proc = sh(fake_repo, "wait-jobs.sh", raised, crashed)
+    raised = sh(fake_repo, "submit-async.sh", "--name", "raised", AR_MODAL_FAKE_MODE="raise").stdout.strip()
+    died = sh(fake_repo, "submit-async.sh", "--name", "died", AR_MODAL_FAKE_MODE="crash").stdout.strip()
+    commit(fake_repo, "crash", MODE="crash")
+    crashed = sh(fake_repo, "submit-async.sh").stdout.strip()
+    assert raised.startswith("fc-") and died.startswith("fc-") and crashed.startswith("fc-")
+    proc = sh(fake_repo, "wait-jobs.sh", raised, died, crashed)
     assert proc.returncode == 1
     got = blocks(proc.stdout)
     assert got[raised][0] == "failed" and "RuntimeError: the function raised" in got[raised][1]
-    assert got[crashed][0] == "failed" and "without a result" in got[crashed][1]
-    # A failed job is retried under a new call id; the retry is returned while it lives, then cancelled.
-    retry = sh(fake_repo, "submit-async.sh", "--env", "AR_SEED=2", AR_MODAL_FAKE_MODE="raise").stdout.strip()
+    assert got[died][0] == "failed" and "without a result" in got[died][1]
+    assert got[crashed][0] == "failed" and "torch.OutOfMemoryError: CUDA out of memory." in got[crashed][1]
+    # A failed job is retried under a new call id.
+    retry = sh(fake_repo, "submit-async.sh", "--name", "raised", AR_MODAL_FAKE_MODE="raise").stdout.strip()
     assert retry.startswith("fc-") and retry != raised
     assert sh(fake_repo, "wait-jobs.sh", retry, AR_MODAL_FAKE_MODE="raise").returncode == 1
 
 
 def test_expired_result_end_to_end(fake_repo):
     deploy(fake_repo)
-    job = sh(fake_repo, "submit-async.sh", "--env", "AR_SEED=4").stdout.strip()
+    job = sh(fake_repo, "submit-async.sh").stdout.strip()
     proc = sh(fake_repo, "wait-jobs.sh", job, AR_MODAL_FAKE_MODE="expire")
     assert proc.returncode == 0, proc.stderr
-    state, body = blocks(proc.stdout)[job]
-    assert state == "succeeded" and body.lstrip().startswith("---") and "AR_RESULT_JSON: " in body
+    assert blocks(proc.stdout)[job] == ("succeeded", BLOCK)
     assert "recovered from the Volume" in sh(fake_repo, "logs.sh", job).stdout
 
 
-def test_name_taken_and_live_logs(fake_repo):
+def test_deadline_cancels_and_a_taken_name_is_refused(fake_repo):
     deploy(fake_repo)
-    job = sh(fake_repo, "submit-async.sh", "--name", "my-run", "--env", "AR_SEED=5").stdout.strip()
-    proc = sh(fake_repo, "submit-async.sh", "--name", "my-run", "--env", "AR_SEED=6")
+    commit(fake_repo, "slow", SLEEP_S=60)
+    job = sh(fake_repo, "submit-async.sh", "--name", "my-run").stdout.strip()
+    commit(fake_repo, "other", SLEEP_S=0.0)
+    proc = sh(fake_repo, "submit-async.sh", "--name", "my-run")
     assert proc.returncode == 2 and "my-run" in proc.stderr and job in proc.stderr
-    logs = sh(fake_repo, "logs.sh", job)
-    assert logs.returncode == 0 and ("live log" in logs.stderr or logs.stderr == "")
-    assert sh(fake_repo, "cancel-jobs.sh", job).returncode == 0
-    assert (Path(fake_repo.env["AR_STATE_DIR"]) / "modal" / "jobs" / job / "state").read_text().strip() in (
-        "cancelled", "succeeded")
+    proc = sh(fake_repo, "wait-jobs.sh", job, AR_TIMEOUT_S="2")
+    assert proc.returncode == 1 and blocks(proc.stdout)[job][0] == "timeout", proc.stdout + proc.stderr
+    pgid = int((fake_repo.server / "calls" / job / "pid").read_text())
+    assert not FAKE_MOD._group_alive(pgid), "the container is gone"
+    assert sh(fake_repo, "cancel-jobs.sh", job).returncode == 0  # idempotent
 
 
 def test_makefile_deploy_target():
