@@ -3,15 +3,17 @@
 Static checks (fast): every make target they name resolves with `make -n` and gets only variables the
 Makefile reads; every script they name exists and answers `--help`; every AR_* / AUTORESEARCH_* /
 SKY_* / VESSLCTL_* variable they name is read by the project's code (comments and docstrings do not
-count); every repo path and relative link exists; every command in the prompts is a repo command or
-on a small allowlist of external tools, and the `sky` / `modal` ones use subcommands and options the
-pinned CLIs in .venv really have.
+count; there are no knob overrides through the environment, so `AR_<KNOB>` fails too); every SWEEP
+knob they name is a one-line constant of trainer/train.py; every repo path and relative link exists;
+every command in the prompts is a repo command or on a small allowlist of external tools, and the
+`sky` / `modal` ones use subcommands and options the pinned CLIs in .venv really have.
 
-End to end (about two minutes on two cores): the ```bash e2e blocks of agent-prompts/local.md, then
-of fanout.md, run line by line in a throwaway copy of the repository on the CPU tiny profile, so
+End to end (about a minute on two cores): the ```bash e2e blocks of agent-prompts/local.md, then of
+fanout.md, run line by line in a throwaway copy of the repository on the CPU smoke profile, so
 editing those blocks changes what the test runs. Two mechanisms, both deliberate:
-  * a `# edit trainer/train.py ...` comment line stands for the agent's edit: the test rewrites one
-    knob constant there (a different value each time), like an agent trying one idea per branch;
+  * a `# edit trainer/train.py ...` comment line stands for the agent's edit: the test rewrites the
+    knob constant line `WARMDOWN_RATIO = ...` there (a different value each time), like an agent
+    trying one idea per branch; the block's `git commit` then makes it a candidate commit;
   * `make` is a shim on PATH that adds `-o .venv/.setup-stamp`, so `make setup` in the copy (whose
     .venv is a symlink to this repository's) never reinstalls into the shared venv.
 The prompts themselves use K=2 in those blocks (a two-core machine has two slots).
@@ -133,7 +135,7 @@ def test_docs_name_the_backend_scripts():
     names = set(script_paths())
     for d in BACKEND_DIRS:
         assert {f"{d}/submit-async.sh", f"{d}/wait-jobs.sh", f"{d}/cancel-jobs.sh", f"{d}/logs.sh"} <= names, d
-    assert {"tools/round.py", "batch-job/prep.sh", "sky/promote.py", "modal/app.py"} <= names
+    assert {"tools/round.py", "batch-job/prep.sh", "modal/app.py"} <= names
 
 
 @pytest.mark.parametrize("path", script_paths())
@@ -200,9 +202,6 @@ def code_corpus():
     return "\n".join(parts)
 
 
-KNOBS = set(re.findall(r"^([A-Z][A-Z0-9_]*) = ", (REPO / "trainer" / "train.py").read_text(), re.M))
-
-
 def env_vars():
     pattern = r"(?<![\w$])((?:AR|AUTORESEARCH|SKY|VESSLCTL)_[A-Z0-9_]*[A-Z0-9])\b"
     return sorted({m for text in TEXT.values() for m in re.findall(pattern, text)})
@@ -210,13 +209,28 @@ def env_vars():
 
 @pytest.mark.parametrize("name", env_vars())
 def test_environment_variables_named_in_docs_are_read_by_the_code(name):
-    if name.startswith("AR_") and name[3:] in KNOBS:
-        return  # a knob override: the trainer reads AR_<KNOB> for every knob
-    m = re.fullmatch(r"AR_(VESSL|SKY|MODAL|LOCAL)_GPU", name)
-    if m and 'f"AR_{backend.upper()}_GPU"' in code_corpus():
-        return  # tools/round.py reads AR_<BACKEND>_GPU for the round's backend (and the backends their own)
     assert re.search(rf"(?<![\w]){re.escape(name)}(?![\w])", code_corpus()), \
         f"{name} is documented but no script or module reads it (only comments or docs mention it)"
+
+
+def sweep_knobs():
+    """{(doc, knob)} of every SWEEP="KNOB=v1,v2 ..." the docs show with real values."""
+    found = set()
+    for doc, text in TEXT.items():
+        for sweep in re.findall(r'SWEEP="([^"]*)"', text):
+            found |= {(doc, m) for m in re.findall(r"(?:^|\s)([A-Z][A-Z0-9_]*)=[0-9]", sweep)}
+    return sorted(found)
+
+
+def test_sweep_knobs_named_in_docs_are_constants_of_the_train_file():
+    """A SWEEP rewrites a one-line module constant `KNOB = ...` of the train file (tools/round.py)."""
+    assert sweep_knobs(), "the extraction found no SWEEP"
+    source = (REPO / "trainer" / "train.py").read_text()
+    tree = ast.parse(source)
+    one_line = {n.targets[0].id for n in tree.body if isinstance(n, ast.Assign) and len(n.targets) == 1
+                and isinstance(n.targets[0], ast.Name) and n.value.lineno == n.value.end_lineno}
+    bad = [f"{doc}: {knob}" for doc, knob in sweep_knobs() if knob not in one_line]
+    assert not bad, f"SWEEP knobs that are not one-line constants of trainer/train.py: {bad}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,6 +245,8 @@ def file_paths():
             m = m.split("::")[0].rstrip(".")
             if m.endswith("-") or re.search(r"[<>]", m):
                 continue  # a name being built (`ar-<tag>-`), a placeholder
+            if re.fullmatch(r"(?:local|sky|modal)/[\w. -]+/(?:default|full|tiny|smoke)", m):
+                continue  # a setting backend/gpu/profile, as a round table's header prints it
             found.add(m)
     return sorted(found)
 
@@ -460,9 +476,10 @@ def test_the_prompts_cover_their_topics():
     for word in ("trainer/train.py", "prepare/prepare.py", "val_bpb", "results.tsv", "keep", "discard", "crash",
                  "logs.sh", "Simplicity"):
         assert word in text["program.md"], word
-    for word in ("SWEEP", "autoresearch/<tag>-r<N>-c", "delta_vs_best", "make baseline REPEATS=2", "abandon",
-                 "make promote TOP=2 GPU=H200", "AR_BUDGET_USD", "make status", "make results", "make plot",
-                 "DETACH=1", "make round-wait TIMEOUT=", "round is N again"):
+    for word in ("SWEEP", "autoresearch/<tag>-r<N>-c", "refs/autoresearch/<tag>/r<N>-c<i>", "delta", "steps",
+                 "c0b", "NOISE NOT MEASURED", "make baseline REPEATS=3", "abandon",
+                 "AR_GPU=H200 make promote TOP=2 BACKEND=sky", "AR_BUDGET_USD", "make status", "make results",
+                 "make plot", "DETACH=1", "make round-wait TIMEOUT=", "round is N again"):
         assert word in text["fanout.md"], word
     for name, backend in (("vessl.md", "vessl"), ("sky.md", "sky"), ("modal.md", "modal")):
         assert f"make round K=4 BACKEND={backend}" in text[name] and "make baseline" in text[name], name
@@ -498,13 +515,13 @@ def agent_edit(repo, n):
 
 
 def test_local_and_fanout_prompts_run_verbatim(tmp_path, ar_cache):
-    """Two rounds on the tiny profile as local.md then fanout.md show them: results.tsv and progress.png."""
+    """Two rounds on the smoke profile as local.md then fanout.md show them: results.tsv and progress.png."""
     shim = tmp_path / "bin"
     shim.mkdir()
     (shim / "make").write_text(f'#!/bin/sh\nexec {shutil.which("make")} -o .venv/.setup-stamp "$@"\n')
     (shim / "make").chmod(0o755)
-    repo, env = local_repo(tmp_path, AR_CACHE_DIR=ar_cache, AR_PROFILE="tiny", AR_LOCAL_SLOTS="2",
-                           AR_LOCAL_THREADS="1", MPLBACKEND="Agg", PATH=f"{shim}{os.pathsep}{os.environ['PATH']}")
+    repo, env = local_repo(tmp_path, AR_CACHE_DIR=ar_cache, AR_PROFILE="smoke", AR_LOCAL_SLOTS="2",
+                           MPLBACKEND="Agg", PATH=f"{shim}{os.pathsep}{os.environ['PATH']}")
 
     steps = e2e_steps("local.md") + e2e_steps("fanout.md")
     assert [c for kind, c in steps if kind == "run" and c.startswith("make round ")] == \
@@ -515,39 +532,55 @@ def test_local_and_fanout_prompts_run_verbatim(tmp_path, ar_cache):
             agent_edit(repo, edits)
             edits += 1
             continue
-        p = subprocess.run(["bash", "-c", command], cwd=repo, env=env, capture_output=True, text=True, timeout=400)
+        p = subprocess.run(["bash", "-c", command], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, f"{command!r} failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
         outputs.setdefault(command, p.stdout)
     assert edits == 2
-
-    r1, r2 = outputs['make round K=2 SWEEP="MATRIX_LR=0.03,0.05"'], outputs["make round K=2"]
-    assert r1.startswith("round 1 of tag default") and "next round: 2" in r1, r1
-    assert r2.startswith("round 2 of tag default") and "next round: 3" in r2, r2
-    assert "delta_vs_best" in r2 and ("winner: c" in r2 or "no winner:" in r2)
-
-    rows = (repo / "results.tsv").read_text().splitlines()
-    header = rows[0].split("\t")
-    assert header[:5] == ["commit", "val_bpb", "memory_gb", "status", "description"]
-    records = [dict(zip(header, r.split("\t"), strict=True)) for r in rows[1:]]
-    assert [(r["round"], r["candidate"]) for r in records] == [("1", "c0"), ("1", "c1"), ("1", "c2"),
-                                                                ("2", "c1"), ("2", "c2")], records
-    assert all(r["status"] in ("keep", "discard") and 0 < float(r["val_bpb"]) < 20 for r in records), records
-    assert all(r["profile"] == "tiny" and r["backend"] == "local" and r["tag"] == "default" for r in records)
 
     def git(*args):
         return subprocess.run(["git", *args], cwd=repo, env=env, capture_output=True, text=True,
                               check=True).stdout.strip()
 
-    for r in records[3:]:  # round 2: the branches the block prepared, with their commit subjects
-        branch = f"autoresearch/default-r2-{r['candidate']}"
-        assert r["description"] == git("log", "-1", "--format=%s", branch)
-        assert git("rev-parse", branch).startswith(r["commit"])
+    r1, r2 = outputs['make round K=2 SWEEP="MATRIX_LR=0.03,0.05"'], outputs["make round K=2"]
+    assert r1.startswith("round 1 of tag default on local/cpu/smoke") and "next round: 2" in r1, r1
+    assert r2.startswith("round 2 of tag default on local/cpu/smoke") and "next round: 3" in r2, r2
+    assert "delta" in r2 and "steps" in r2 and ("winner: c" in r2 or "no winner:" in r2)
+
+    rows = (repo / "results.tsv").read_text().splitlines()
+    header = rows[0].split("\t")
+    assert header[:5] == ["commit", "val_bpb", "memory_gb", "status", "description"]
+    records = [dict(zip(header, r.split("\t"), strict=True)) for r in rows[1:]]
+    assert all(r["status"] in ("keep", "discard") and 0 < float(r["val_bpb"]) < 20 for r in records), records
+    assert all(r["profile"] == "smoke" and r["backend"] == "local" and r["tag"] == "default" for r in records)
+    assert all(r["job_id"] == f"ar-default-r{r['round']}-{r['candidate']}" for r in records), records
+
+    # round 1: the controls (the best twice, unchanged), then two SWEEP commits that rewrite one line
+    one = [r for r in records if r["round"] == "1"]
+    assert [r["candidate"] for r in one] == ["c0", "c0b", "c1", "c2"], one
+    assert one[0]["commit"] == one[1]["commit"] and "NOISE NOT MEASURED" not in r1
+    for r, value in zip(one[2:], ("0.03", "0.05"), strict=True):
+        assert r["description"] == f"MATRIX_LR={value}"
+        assert f"MATRIX_LR = {value}" in git("show", f"{r['commit']}:trainer/train.py")
+    won1 = [r for r in one[2:] if r["status"] == "keep"]
+    best1 = won1[0]["commit"] if won1 else one[0]["commit"]
+
+    # round 2: one control while the best has a single run (a SWEEP winner), none after two; then the
+    # branches the block prepared, with their commit subjects, parked under refs/autoresearch/
+    two = [r for r in records if r["round"] == "2"]
+    assert [r["candidate"] for r in two] == (["c0"] if won1 else []) + ["c1", "c2"], two
+    for r in two[-2:]:
+        ref = f"refs/autoresearch/default/r2-{r['candidate']}"
+        assert r["description"] == git("log", "-1", "--format=%s", ref)
+        assert git("rev-parse", ref).startswith(r["commit"])
+        assert git("rev-parse", f"{ref}~1").startswith(best1)  # one commit on the best of round 1
         edited = f"WARMDOWN_RATIO = {EDIT_VALUES[int(r['candidate'][1:]) - 1]}"
-        assert edited in git("show", f"{branch}:trainer/train.py")
-    kept = [r for r in records[3:] if r["status"] == "keep"]
-    assert len(kept) <= 1
-    if kept:
-        winner = f"autoresearch/default-r2-{kept[0]['candidate']}"
-        assert git("rev-parse", "autoresearch/default") == git("rev-parse", winner)  # fast-forwarded
-    assert "5 experiments, 2 rounds" in outputs["make results"]
+        assert edited in git("show", f"{ref}:trainer/train.py")
+    assert not git("branch", "--list", "autoresearch/default-r2-c1")  # moved (c2 is still checked out)
+    won2 = [r for r in two[-2:] if r["status"] == "keep"]
+    assert len(won2) <= 1
+    best = git("rev-parse", "autoresearch/default")  # the winner, fast-forwarded: it reads as plain code
+    assert best.startswith(won2[0]["commit"] if won2 else best1)
+
+    shown = outputs["make results"]
+    assert shown.split()[:3] == ["tag", "round", "candidate"] and len(shown.splitlines()) == 1 + len(records), shown
     assert (repo / "progress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

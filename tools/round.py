@@ -22,7 +22,7 @@ A round, step by step (each step a command you could run by hand):
   winner      the best score among the candidates (AR_METRIC, default val_bpb; AR_METRIC_GOAL min or
               max), kept when it beats the best's score (the mean of every run of the best commit under
               this setting) by more than the threshold: AR_MIN_DELTA, else 2 sigma, sigma pooled over
-              every commit run more than once under this setting. A candidate that trained more than 10%
+              the control runs of each commit (c0, c0b, make baseline's) under this setting. A candidate that trained more than 10%
               longer than the best is not kept. The winner is fast-forwarded: the best branch then reads
               as plain code. Candidate branches move to refs/autoresearch/<tag>/r<N>-c<i>.
 A setting is backend/gpu/profile (AR_GPU: a label for prices, default the local GPU, `cpu`, or H100 on
@@ -237,10 +237,11 @@ def best_score(st, tag, commit):
 
 
 def noise(st):
-    """(sigma, runs, commits): the pooled standard deviation over every commit run more than once."""
+    """(sigma, runs, commits): the standard deviation pooled over the control runs (c0, c0b, base<i>) of
+    each commit. A winner's own run is left out: it was picked for being low, and it ran in another round."""
     groups = {}
     for r in rows_of(st):
-        if r["score"] is not None:
+        if r["score"] is not None and re.fullmatch(r"c0b?|base\d+", r["candidate"]):
             groups.setdefault(r["commit"], []).append(r["score"])
     groups = [g for g in groups.values() if len(g) > 1]
     dof = sum(len(g) - 1 for g in groups)
@@ -669,7 +670,7 @@ def decide(led):
             mine = R.number(c["result"]["summary"].get("num_steps"))
             if steps and mine and abs(mine - steps[0]) > 0.25 * steps[0]:
                 led["notes"].append(f"the winner ran {mine:.0f} steps, the old best {steps[0]:.0f}: the noise "
-                                    "may have changed; the next round's controls re-measure it")
+                                    "may have changed; re-measure it with make baseline REPEATS=3")
         break
     R.append_rows(RESULTS, [row(led, c, c["status"]) for c in cands if c not in ctrl], METRIC)
 
@@ -689,10 +690,8 @@ def advance(led):
     where = worktree_of(f"autoresearch/{tag}")
     if where is None:
         git("update-ref", f"refs/heads/autoresearch/{tag}", win["commit"], led["best"])
-    elif git("status", "--porcelain", "--untracked-files=no", cwd=where) == "":
-        git("merge", "--ff-only", "-q", win["commit"], cwd=where)
-    else:
-        led["notes"].append(f"autoresearch/{tag} is checked out with changes in {where}: adopt the winner "
+    else:  # moving a checked-out branch would leave its files behind: the person decides
+        led["notes"].append(f"autoresearch/{tag} is checked out in {where}, so it was not moved: adopt the winner "
                             f"there with git merge --ff-only {win['commit'][:10]}")
 
 
@@ -715,7 +714,9 @@ def report(led):
         print(f"note: {note}")
     if led["kind"] == "round":
         w = next((c for c in led["candidates"] if c["label"] == led.get("winner")), None)
-        print(f"winner: {w['label']} {w['result']['value']:.6f} -> autoresearch/{tag} now at {w['commit'][:10]}" if w
+        moved = w and rev(f"refs/heads/autoresearch/{tag}") == w["commit"]
+        print(f"winner: {w['label']} {w['result']['value']:.6f} -> autoresearch/{tag} "
+              f"{'now at' if moved else 'NOT moved (see the note); the winner is'} {w['commit'][:10]}" if w
               else f"no winner: autoresearch/{tag} stays at {led['best'][:10]}")
         print(f"next round: {led['n'] + 1} (branches autoresearch/{tag}-r{led['n'] + 1}-c1.. from "
               f"autoresearch/{tag}, or SWEEP=...)")
