@@ -1,45 +1,41 @@
 """Fixed data and evaluation harness for autoresearch. AGENTS MUST NOT EDIT THIS FILE.
 
-The experiment loop edits trainer/train.py, trains for a fixed wall-clock budget and
-is scored by `evaluate_bpb`: bits per byte on a fixed validation set. Everything that
-decides what that number means lives here and stays fixed: the profiles (sequence
-length, time budget, number of eval tokens, vocabulary size), the data (ClimbMix shards
-or the offline corpus), the train/val split, the tokenizer, the document packing and
-the metric itself. If a run could change any of these, val_bpb values would stop being
-comparable across runs, so the trainer only imports this module.
+The experiment loop edits trainer/train.py, trains for a fixed wall-clock budget and is scored by
+`evaluate_bpb`: bits per byte on a fixed validation set. Everything that decides what that number
+means lives here and stays fixed: the profiles (sequence length, time budget, number of eval tokens,
+vocabulary size), the data (ClimbMix shards or the offline corpus), the train/val split, the
+tokenizer, the document packing and the metric itself. If a run could change any of these, val_bpb
+values would stop being comparable across runs, so the trainer only imports this module.
 
-Bits per byte is used rather than loss per token because it does not depend on the
-tokenizer: the summed loss (nats) over target tokens is divided by ln(2) times the
-UTF-8 bytes those tokens stand for. Special tokens (BOS) stand for zero bytes and are
-left out of both sums.
+Bits per byte is used rather than loss per token because it does not depend on the tokenizer: the
+summed loss (nats) over target tokens is divided by ln(2) times the UTF-8 bytes those tokens stand
+for. Special tokens (BOS) stand for zero bytes and are left out of both sums.
 
 Usage:
-    python prepare/prepare.py [--profile full|tiny|smoke] [--data offline|climbmix]
-                              [--num-shards N]
-
+    python prepare/prepare.py [--profile full|tiny|smoke] [--data offline|climbmix] [--num-shards N]
+Environment: AR_PROFILE, AR_DATA (defaults for --profile, --data), AR_NUM_SHARDS (--num-shards),
+AR_CACHE_DIR (the cache root), AR_CLIMBMIX_URL (where the shards are downloaded from).
 The trainer does `sys.path.insert(0, "<repo>/prepare"); import prepare as P`.
 
 Data sources:
-  climbmix  karpathy/climbmix-400b-shuffle parquet shards, downloaded over HTTP; train
-            shards 0..N-1, validation pinned to the last shard (shard_06542).
-  offline   a corpus built from text every Python installation carries (the standard
-            library's pydoc topics, docstrings and module sources), so a fresh machine
-            with no network can still run the whole loop. Its content, and therefore
-            its sha256, depends on the Python version and on how that Python was built
-            or patched by the distribution: val_bpb numbers are comparable only between
-            runs whose `corpus_sha256` is the same. The hash is in meta.json and printed.
+  climbmix  karpathy/climbmix-400b-shuffle parquet shards, downloaded over HTTP; train shards
+            0..N-1, validation pinned to the last shard (shard_06542).
+  offline   a corpus built from text every Python installation carries (the standard library's
+            pydoc topics, docstrings and module sources), so a fresh machine with no network can
+            still run the whole loop. Its content, and therefore its sha256, depends on the Python
+            version and on how that Python was built or patched by the distribution: val_bpb
+            numbers are comparable only between runs whose `corpus_sha256` is the same. The hash
+            is in meta.json and printed.
 
 Cache layout (root = $AR_CACHE_DIR or ~/.cache/autoresearch):
   <root>/data/climbmix/shard_XXXXX.parquet             downloaded shards
   <root>/data/offline/<sha256[:16]>/{train,val}_*.parquet + corpus.json
   <root>/data/offline/fingerprint-<fp>.json            stdlib fingerprint -> corpus hash
-  <root>/<profile>/<source>/tokenizer/                 tokenizer.pkl, token_bytes.pt,
-                                                       meta.json (written last)
+  <root>/<profile>/<source>/tokenizer/                 tokenizer.pkl, token_bytes.pt, meta.json
   <root>/inductor/                                     TORCHINDUCTOR_CACHE_DIR
-Every file is written to a temporary name and renamed into place, and meta.json is
-written last, so an interrupted run is never mistaken for a finished one.
+Every file is written to a temporary name and renamed into place, and meta.json is written last,
+so an interrupted run is never mistaken for a finished one.
 """
-
 from __future__ import annotations
 
 import argparse
@@ -69,9 +65,7 @@ import rustbpe
 import tiktoken
 import torch
 
-# ---------------------------------------------------------------------------
-# Knobs (fixed: changing any of them changes what val_bpb means)
-# ---------------------------------------------------------------------------
+# ---- Knobs (fixed: changing any of them changes what val_bpb means) --------------------------------------
 
 DEFAULT_CACHE_DIR = "~/.cache/autoresearch"  # overridden by $AR_CACHE_DIR
 
@@ -112,36 +106,6 @@ OFFLINE_ROW_GROUP = 256  # documents per parquet row group
 
 DATA_SOURCES = ("offline", "climbmix")
 
-# Environment variables the harness understands; the trainer rejects other AR_* names
-# (typos in knob overrides) unless they start with one of the prefixes.
-HARNESS_ENV_VARS = frozenset(
-    {
-        "AR_PROFILE",
-        "AR_DATA",
-        "AR_CACHE_DIR",
-        "AR_RESULT_PATH",
-        "AR_CLIMBMIX_URL",
-        "AR_NUM_SHARDS",
-        "AR_TIMEOUT_S",
-        "AR_BUDGET_USD",
-        "AR_MIN_DELTA",
-        "AR_TAG",
-        "AR_BACKEND",
-        "AR_LOCAL_SLOTS",
-        "AR_STATE_DIR",
-        "AR_PROGRESS_INTERVAL_S",
-    }
-)
-HARNESS_ENV_PREFIXES = (
-    "AR_LOCAL_",
-    "AR_VESSL_",
-    "AR_SKY_",
-    "AR_MODAL_",
-    "AR_TEST_",
-    "AR_JOB_",
-    "AR_ROUND_",
-)
-
 META_FORMAT = 1
 
 
@@ -149,11 +113,7 @@ class PrepareError(Exception):
     """A user-facing problem; the message is one line and says how to fix it."""
 
 
-# ---------------------------------------------------------------------------
-# Profiles
-# ---------------------------------------------------------------------------
-
-
+# ---- Profiles --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Profile:
     name: str
@@ -178,9 +138,7 @@ def get_profile(name: str | None = None) -> Profile:
     """Profile by name, else $AR_PROFILE, else "full" with CUDA and "tiny" without."""
     if isinstance(name, Profile):
         return name
-    name = name or os.environ.get("AR_PROFILE") or None
-    if name is None:
-        name = "full" if torch.cuda.is_available() else "tiny"
+    name = name or os.environ.get("AR_PROFILE") or ("full" if torch.cuda.is_available() else "tiny")
     if name not in PROFILES:
         raise PrepareError(f"unknown profile {name!r}: use one of {', '.join(PROFILES)}")
     return PROFILES[name]
@@ -199,11 +157,7 @@ def _resolve(profile, source) -> tuple[Profile, str]:
     return prof, get_data_source(prof, source)
 
 
-# ---------------------------------------------------------------------------
-# Cache layout and atomic writes
-# ---------------------------------------------------------------------------
-
-
+# ---- Cache layout and atomic writes ----------------------------------------------------------------------
 def cache_root() -> Path:
     return Path(os.environ.get("AR_CACHE_DIR") or DEFAULT_CACHE_DIR).expanduser()
 
@@ -264,11 +218,7 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-# ---------------------------------------------------------------------------
-# Offline corpus: text from the Python standard library
-# ---------------------------------------------------------------------------
-
-
+# ---- Offline corpus: text from the Python standard library -----------------------------------------------
 def _stdlib_files() -> tuple[Path, list[Path]]:
     """The stdlib's .py files in sorted order, without tests, site-packages and
     build-specific files (_sysconfigdata*, config-*/)."""
@@ -371,11 +321,8 @@ def offline_documents() -> list[tuple[str, str, str]]:
                 cut = source[:OFFLINE_SOURCE_MAX_CHARS]
                 source = cut[: cut.rfind("\n") + 1] or cut
             docs.append((rel, f"src/{rel}", source))
-    pieces = [
-        (group, f"{doc_id}#{k}", piece)
-        for group, doc_id, text in docs
-        for k, piece in enumerate(_split_document(text, OFFLINE_DOC_MAX_CHARS))
-    ]
+    pieces = [(group, f"{doc_id}#{k}", piece) for group, doc_id, text in docs
+              for k, piece in enumerate(_split_document(text, OFFLINE_DOC_MAX_CHARS))]
     pieces.sort(key=lambda d: hashlib.sha256(d[1].encode()).digest())
     return [("val" if _in_val(group) else "train", doc_id, text) for group, doc_id, text in pieces]
 
@@ -435,18 +382,11 @@ def build_offline_corpus(force: bool = False) -> dict:
                     name = f"{split}_{i:05d}.parquet"
                     _write_parquet(tmp / name, chunk)
                     names[split].append(name)
-            info = {
-                "format": OFFLINE_FORMAT,
-                "sha256": sha,
-                "python": sys.version,
-                "train_shards": names["train"],
-                "val_shards": names["val"],
-                "train_docs": len(train),
-                "val_docs": len(val),
-                "train_chars": sum(map(len, train)),
-                "val_chars": sum(map(len, val)),
-                "bytes": sum(len(t.encode("utf-8")) for _, _, t in docs),
-            }
+            info = {"format": OFFLINE_FORMAT, "sha256": sha, "python": sys.version,
+                    "train_shards": names["train"], "val_shards": names["val"],
+                    "train_docs": len(train), "val_docs": len(val),
+                    "train_chars": sum(map(len, train)), "val_chars": sum(map(len, val)),
+                    "bytes": sum(len(t.encode("utf-8")) for _, _, t in docs)}
             _write_json(tmp / "corpus.json", info)
             shutil.rmtree(final, ignore_errors=True)  # an incomplete earlier build
             try:
@@ -458,18 +398,12 @@ def build_offline_corpus(force: bool = False) -> dict:
             shutil.rmtree(tmp, ignore_errors=True)
         info = _read_json(final / "corpus.json")
     _write_json(pointer, {"corpus_sha256": sha, "python": sys.version})
-    _log(
-        f"offline corpus {sha[:16]}: {info['bytes'] / 1e6:.1f} MB, {info['train_docs']} train"
-        f" / {info['val_docs']} val docs ({time.time() - t0:.1f}s)"
-    )
+    _log(f"offline corpus {sha[:16]}: {info['bytes'] / 1e6:.1f} MB, {info['train_docs']} train"
+         f" / {info['val_docs']} val docs ({time.time() - t0:.1f}s)")
     return {**info, "dir": str(final)}
 
 
-# ---------------------------------------------------------------------------
-# ClimbMix download
-# ---------------------------------------------------------------------------
-
-
+# ---- ClimbMix download -----------------------------------------------------------------------------------
 def shard_name(index: int) -> str:
     return f"shard_{index:05d}.parquet"
 
@@ -499,15 +433,8 @@ def _download_one(url: str, dest: Path, timeout_s: float) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def download_shards(
-    indices,
-    dest_dir,
-    base_url: str | None = None,
-    max_attempts: int = 5,
-    backoff_s: float = 2.0,
-    timeout_s: float = DOWNLOAD_TIMEOUT_S,
-    workers: int = DOWNLOAD_WORKERS,
-) -> list[Path]:
+def download_shards(indices, dest_dir, base_url: str | None = None, max_attempts: int = 5, backoff_s: float = 2.0,
+                    timeout_s: float = DOWNLOAD_TIMEOUT_S, workers: int = DOWNLOAD_WORKERS) -> list[Path]:
     """Download ClimbMix shards `indices` into dest_dir; returns their paths in order.
 
     Shards already present are skipped. Each shard is fetched to a temporary name and
@@ -535,10 +462,8 @@ def download_shards(
                 code = getattr(e, "code", None)
                 permanent = code is not None and 400 <= code < 500 and code not in (408, 429)
                 if permanent or attempt == max_attempts:
-                    raise PrepareError(
-                        f"download of {path.name} failed after {attempt} attempt(s) from {url}:"
-                        f" {e}; check the network or AR_CLIMBMIX_URL, or set AR_DATA=offline"
-                    ) from e
+                    raise PrepareError(f"download of {path.name} failed after {attempt} attempt(s) from {url}: {e};"
+                                       " check the network or AR_CLIMBMIX_URL, or set AR_DATA=offline") from e
                 delay = backoff_s * 2 ** (attempt - 1)
                 _log(f"{path.name}: attempt {attempt} failed ({e}); retrying in {delay:.1f}s")
                 time.sleep(delay)
@@ -561,21 +486,13 @@ def _prepare_climbmix(num_shards: int) -> dict:
     h = hashlib.sha256()
     for p in train + val:
         h.update(f"{p.name}\0{_sha256_file(p)}\0".encode())
-    return {
-        "sha256": h.hexdigest(),
-        "dir": str(data_dir("climbmix")),
-        "train_shards": [p.name for p in train],
-        "val_shards": [p.name for p in val],
-        "train_docs": sum(pq.ParquetFile(p).metadata.num_rows for p in train),
-        "val_docs": sum(pq.ParquetFile(p).metadata.num_rows for p in val),
-    }
+    return {"sha256": h.hexdigest(), "dir": str(data_dir("climbmix")),
+            "train_shards": [p.name for p in train], "val_shards": [p.name for p in val],
+            "train_docs": sum(pq.ParquetFile(p).metadata.num_rows for p in train),
+            "val_docs": sum(pq.ParquetFile(p).metadata.num_rows for p in val)}
 
 
-# ---------------------------------------------------------------------------
-# Tokenizer
-# ---------------------------------------------------------------------------
-
-
+# ---- Tokenizer -------------------------------------------------------------------------------------------
 def _iter_texts(paths):
     """Documents of parquet shards (column "text") in order, in row-group batches."""
     for path in paths:
@@ -607,10 +524,8 @@ def _train_tokenizer(train_paths: list[Path], vocab_size: int, name: str):
     bpe.train_from_iterator(texts(), n_merges_vocab, pattern=SPLIT_PATTERN)
     ranks = {bytes(b): r for b, r in bpe.get_mergeable_ranks()}
     if len(ranks) != n_merges_vocab:
-        raise PrepareError(
-            f"tokenizer training found only {len(ranks)} of {n_merges_vocab} tokens:"
-            " the training text is too small for this vocab size"
-        )
+        raise PrepareError(f"tokenizer training found only {len(ranks)} of {n_merges_vocab} tokens:"
+                           " the training text is too small for this vocab size")
     special = {tok: n_merges_vocab + i for i, tok in enumerate(SPECIAL_TOKENS)}
     enc = tiktoken.Encoding(name, pat_str=bpe.get_pattern(), mergeable_ranks=ranks, special_tokens=special)
     return enc, stats
@@ -668,16 +583,10 @@ def get_token_bytes(profile=None, source=None, device="cpu") -> torch.Tensor:
     return tb.to(device)
 
 
-# ---------------------------------------------------------------------------
-# prepare / ensure_prepared
-# ---------------------------------------------------------------------------
-
-
+# ---- prepare / ensure_prepared ---------------------------------------------------------------------------
 def _how_to_prepare(prof: Profile, src: str) -> str:
     fix = f"run `AR_PROFILE={prof.name} make prepare DATA={src}`"
-    if src != "offline":
-        fix += " (or set AR_DATA=offline)"
-    return fix
+    return fix if src == "offline" else fix + " (or set AR_DATA=offline)"
 
 
 def _shard_paths(meta: dict, split: str) -> list[Path]:
@@ -746,22 +655,13 @@ def prepare(profile: Profile | str | None = None, source: str | None = None, num
     t0 = time.time()
     for leftover in tdir.glob("*.tmp") if tdir.is_dir() else []:
         leftover.unlink(missing_ok=True)
-    reuse = (
-        meta is not None
-        and (tdir / "tokenizer.pkl").is_file()
-        and (tdir / "token_bytes.pt").is_file()
-        and meta.get("format") == META_FORMAT
-        and meta.get("vocab_size") == prof.vocab_size
-        and meta.get("tokenizer_cap_reached")
-        and meta.get("tokenizer_shards") == corpus["train_shards"][: len(meta["tokenizer_shards"])]
-        and (src != "offline" or meta.get("corpus_sha256") == corpus["sha256"])
-    )
+    reuse = (meta is not None and (tdir / "tokenizer.pkl").is_file() and (tdir / "token_bytes.pt").is_file()
+             and meta.get("format") == META_FORMAT and meta.get("vocab_size") == prof.vocab_size
+             and meta.get("tokenizer_cap_reached")
+             and meta.get("tokenizer_shards") == corpus["train_shards"][: len(meta["tokenizer_shards"])]
+             and (src != "offline" or meta.get("corpus_sha256") == corpus["sha256"]))
     if reuse:
-        stats = {
-            "chars": meta["tokenizer_chars"],
-            "shards": meta["tokenizer_shards"],
-            "cap_reached": True,
-        }
+        stats = {"chars": meta["tokenizer_chars"], "shards": meta["tokenizer_shards"], "cap_reached": True}
         _log("keeping the tokenizer (trained on shards that are still the first ones)")
     else:
         (tdir / "meta.json").unlink(missing_ok=True)  # not done until meta.json is back
@@ -770,41 +670,19 @@ def prepare(profile: Profile | str | None = None, source: str | None = None, num
         _atomic_write(tdir / "tokenizer.pkl", lambda p: p.write_bytes(pickle.dumps(enc)))
         _atomic_write(tdir / "token_bytes.pt", lambda p: torch.save(_token_bytes(enc), p))
         _log(f"tokenizer trained on {stats['chars'] / 1e6:.1f}M chars ({time.time() - t0:.1f}s)")
-    meta = {
-        "format": META_FORMAT,
-        "profile": prof.name,
-        "data": src,
-        "vocab_size": prof.vocab_size,
-        "special_tokens": SPECIAL_TOKENS,
-        "bos_token": BOS_TOKEN,
-        "corpus_sha256": corpus["sha256"],
-        "train_shards": train_rel,
-        "val_shards": val_rel,
-        "train_docs": corpus["train_docs"],
-        "val_docs": corpus["val_docs"],
-        "tokenizer_chars": stats["chars"],
-        "tokenizer_shards": stats["shards"],
-        "tokenizer_cap_reached": stats["cap_reached"],
-        "python": sys.version if src == "offline" else None,
-    }
+    meta = {"format": META_FORMAT, "profile": prof.name, "data": src, "vocab_size": prof.vocab_size,
+            "special_tokens": SPECIAL_TOKENS, "bos_token": BOS_TOKEN, "corpus_sha256": corpus["sha256"],
+            "train_shards": train_rel, "val_shards": val_rel,
+            "train_docs": corpus["train_docs"], "val_docs": corpus["val_docs"],
+            "tokenizer_chars": stats["chars"], "tokenizer_shards": stats["shards"],
+            "tokenizer_cap_reached": stats["cap_reached"], "python": sys.version if src == "offline" else None}
     _write_json(tdir / "meta.json", meta)  # last: marks the preparation as complete
     return meta
 
 
-# ---------------------------------------------------------------------------
-# Dataloader: BOS-aligned best-fit packing
-# ---------------------------------------------------------------------------
-
-
-def make_dataloader(
-    tokenizer: Tokenizer,
-    B: int,
-    T: int,
-    split: str,
-    profile: Profile | str | None = None,
-    source: str | None = None,
-    device="cpu",
-):
+# ---- Dataloader: BOS-aligned best-fit packing ------------------------------------------------------------
+def make_dataloader(tokenizer: Tokenizer, B: int, T: int, split: str, profile: Profile | str | None = None,
+                    source: str | None = None, device="cpu"):
     """Infinite generator of (x, y, epoch) with x, y int64 [B, T] on `device`.
 
     Each row holds T+1 tokens made of whole documents (each starting with BOS): the
@@ -877,20 +755,9 @@ def _packed_batches(tokenizer: Tokenizer, B: int, T: int, paths: list[Path], dev
         yield xy[0], xy[1], epoch
 
 
-# ---------------------------------------------------------------------------
-# Metric
-# ---------------------------------------------------------------------------
-
-
-def evaluate_bpb(
-    model,
-    tokenizer: Tokenizer,
-    batch_size: int,
-    profile: Profile | str | None = None,
-    source: str | None = None,
-    device="cpu",
-    autocast_ctx=None,
-) -> float:
+# ---- Metric ----------------------------------------------------------------------------------------------
+def evaluate_bpb(model, tokenizer: Tokenizer, batch_size: int, profile: Profile | str | None = None,
+                 source: str | None = None, device="cpu", autocast_ctx=None) -> float:
     """Validation bits per byte: the fixed metric.
 
     Scores eval_tokens // (batch_size * max_seq_len) batches (at least 1) from a fresh
@@ -918,11 +785,7 @@ def evaluate_bpb(
     return float(total_nats.item()) / (math.log(2) * n_bytes)
 
 
-# ---------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------
-
-
+# ---- CLI -------------------------------------------------------------------------------------------------
 class _ArgParser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2, like PrepareError
         print(f"prepare: error: {message}", file=sys.stderr)
@@ -930,10 +793,7 @@ class _ArgParser(argparse.ArgumentParser):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _ArgParser(
-        prog="prepare.py",
-        description="Download/build the data and train the tokenizer (idempotent).",
-    )
+    parser = _ArgParser(prog="prepare.py", description="Download/build the data and train the tokenizer (idempotent).")
     parser.add_argument("--profile", help="full | tiny | smoke (default: $AR_PROFILE or auto)")
     parser.add_argument("--data", help="offline | climbmix (default: $AR_DATA or the profile's)")
     parser.add_argument("--num-shards", type=int, help="ClimbMix train shards ($AR_NUM_SHARDS)")
@@ -946,11 +806,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prepare: error: {e}", file=sys.stderr)
         return 2
     _log(f"done in {time.time() - t0:.1f}s")
-    print(
-        f"prepared: profile={prof.name} data={src} vocab={meta['vocab_size']}"
-        f" train_docs={meta['train_docs']} val_docs={meta['val_docs']}"
-        f" corpus_sha256={meta['corpus_sha256']} dir={tokenizer_dir(prof, src).parent}"
-    )
+    print(f"prepared: profile={prof.name} data={src} vocab={meta['vocab_size']} train_docs={meta['train_docs']}"
+          f" val_docs={meta['val_docs']} corpus_sha256={meta['corpus_sha256']} dir={tokenizer_dir(prof, src).parent}")
     return 0
 
 

@@ -3,7 +3,8 @@
 #
 # Usage: scripts/bench-trainer.sh [OUT_DIR]
 #   Runs `python trainer/train.py` twice against a fresh inductor cache (cold, then warm) and prints one
-#   table row per run. Logs and result.json files go to OUT_DIR (default: a temp dir).
+#   table row per run, its numbers read from the run's summary block. Logs go to OUT_DIR (default: a
+#   temp dir).
 # Env:
 #   AR_PROFILE   profile to run (default: full on CUDA, tiny on CPU; as the trainer decides)
 #   AR_DATA      data source (default: the profile's own; use offline on machines without internet)
@@ -32,9 +33,12 @@ printf 'run\tcache\tdevice\tprofile\ttokens_per_sec\tmfu_percent\tstartup_second
 for i in $(seq 1 "$runs"); do
     cache=warm; [[ "$i" -eq 1 ]] && cache=cold
     echo "bench: run $i ($cache compile cache), log: $out/run$i.log" >&2
-    AR_RESULT_PATH="$out/run$i.json" "$py" trainer/train.py >"$out/run$i.log" 2>&1 || {
+    "$py" trainer/train.py >"$out/run$i.log" 2>&1 || {
         echo "bench: error: run $i failed; last lines of $out/run$i.log:" >&2; tail -n 20 "$out/run$i.log" >&2; exit 1; }
-    jq -r --arg i "$i" --arg c "$cache" \
-        '[$i, $c, .device, .profile, .tokens_per_sec, .mfu_percent, .startup_seconds, .num_steps, .val_bpb] | @tsv' \
-        "$out/run$i.json"
+    # The summary block: the `key: value` lines after the last `---` line.
+    awk -v i="$i" -v c="$cache" '
+        $0 == "---" { delete v; on = 1; next }
+        on && match($0, /^[A-Za-z_]+:/) { v[substr($0, 1, RLENGTH - 1)] = $2 }
+        END { print i "\t" c "\t" v["device"] "\t" v["profile"] "\t" v["tokens_per_sec"] "\t" v["mfu_percent"] "\t" \
+                    v["startup_seconds"] "\t" v["num_steps"] "\t" v["val_bpb"] }' "$out/run$i.log"
 done

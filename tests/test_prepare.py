@@ -122,23 +122,6 @@ def test_profiles_and_sources(monkeypatch):
         P.get_data_source(smoke, "webtext")
 
 
-def test_env_registry():
-    for name in ("AR_PROFILE", "AR_DATA", "AR_CACHE_DIR", "AR_RESULT_PATH", "AR_CLIMBMIX_URL"):
-        assert name in P.HARNESS_ENV_VARS
-    assert {"AR_NUM_SHARDS", "AR_TIMEOUT_S", "AR_BUDGET_USD", "AR_MIN_DELTA", "AR_TAG"} <= (P.HARNESS_ENV_VARS)
-    assert {"AR_BACKEND", "AR_LOCAL_SLOTS", "AR_STATE_DIR", "AR_PROGRESS_INTERVAL_S"} <= (P.HARNESS_ENV_VARS)
-    assert isinstance(P.HARNESS_ENV_VARS, frozenset)
-    assert P.HARNESS_ENV_PREFIXES == (
-        "AR_LOCAL_",
-        "AR_VESSL_",
-        "AR_SKY_",
-        "AR_MODAL_",
-        "AR_TEST_",
-        "AR_JOB_",
-        "AR_ROUND_",
-    )
-
-
 def test_cache_layout(cache_dir, monkeypatch):
     assert P.cache_root() == cache_dir
     assert P.inductor_cache_dir() == cache_dir / "inductor"

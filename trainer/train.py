@@ -1,38 +1,30 @@
 """
 trainer/train.py -- the one file the agent edits.
 
-A small GPT trained for a fixed wall-clock budget and scored by val_bpb (bits per byte on a
-fixed validation set, lower is better). Everything that defines the game -- the profile's
-context length, time budget, vocabulary, data, tokenizer, dataloader and the metric -- lives
-in prepare/prepare.py, which agents must not edit. Everything here is fair game: the model,
-the optimizer, the schedule, the knobs.
+A small GPT trained for a fixed wall-clock budget and scored by val_bpb (bits per byte on a fixed
+validation set, lower is better). What defines the game -- each profile's context length, time
+budget, vocabulary, data, tokenizer, dataloader and the metric -- lives in prepare/prepare.py, which
+agents must not edit. Everything here is fair game: the model, the optimizer, the schedule.
 
-    python trainer/train.py                     # profile from AR_PROFILE (full on CUDA, tiny on CPU)
-    AR_MATRIX_LR=0.05 AR_DEPTH=10 python trainer/train.py   # override any knob below
+    python trainer/train.py                  # profile from AR_PROFILE (full on CUDA, tiny on CPU)
+    AR_PROFILE=smoke python trainer/train.py # the test suite's 5-second run
 
-Every knob below can be overridden by an environment variable named AR_<KNOB>. The
-effective values are printed at start; an unknown AR_ variable is an error that lists the
-valid knobs (so a typo never silently trains the baseline).
+The hyperparameters are the plain constants below, one assignment each; to try a value, edit its
+line (a SWEEP round does the same: one commit per value). Nothing is read from the environment
+except the harness's AR_PROFILE, AR_DATA, AR_CACHE_DIR and AR_PROGRESS_INTERVAL_S.
 
-Output contract (parsers and backends rely on it):
-  * progress lines (\\r-overwritten on a TTY, one line every few seconds otherwise)
-  * a summary block starting with `---`, keys in the reference order
-    (val_bpb, training_seconds, total_seconds, peak_vram_mb, mfu_percent, total_tokens_M,
-    num_steps, num_params_M, depth) followed by profile, data, device, startup_seconds,
-    tokens_per_sec
-  * the same figures as one JSON line `AR_RESULT_JSON: {...}` at the end of stdout, and in
-    $AR_RESULT_PATH when set (written atomically)
-  * on NaN / exploding loss or a crash: a `FAIL: ...` line, a JSON line with
-    "status": "fail", and exit code 1. Bad configuration exits 2.
+Output: a header and the effective hyperparameters, progress lines, then the summary block as the
+last thing on stdout: `---`, then val_bpb, training_seconds, total_seconds, peak_vram_mb,
+mfu_percent, total_tokens_M, num_steps, num_params_M, depth (the reference's keys, in its order),
+profile, data, device, startup_seconds, tokens_per_sec. NaN or exploding loss, a crash or SIGTERM
+end with a `FAIL: <reason>` line and exit 1 (143 for SIGTERM); bad configuration is one
+`train: error: ...` line on stderr and exit 2.
 """
 
 import time
 
 T_PROCESS_START = time.time()  # startup_seconds counts from here
 
-import ast  # noqa: E402
-import hashlib  # noqa: E402
-import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import queue  # noqa: E402
@@ -52,15 +44,41 @@ import torch.nn.functional as F  # noqa: E402
 
 import prepare as P  # noqa: E402
 
+
+def config_error(message):
+    """Bad configuration: one line on stderr, exit code 2."""
+    print(f"train: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+# Fixed rules of this file that keep runs comparable (not hyperparameters).
+UNTIMED_STEPS_CUDA = 10   # the first steps compile kernels; they train but do not count toward the budget
+UNTIMED_STEPS_CPU = 1
+FAIL_LOSS_FACTOR = 2.0    # loss above FAIL_LOSS_FACTOR * ln(vocab) (twice uniform guessing) = exploded
+VE_GATE_CHANNELS = 32     # the value-embedding gate looks at this many leading channels of x
+PEAK_BF16_FLOPS = [       # dense bf16 peak by GPU name substring, first match wins (for MFU)
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989.5e12), ("H200", 989.5e12),
+    ("H20", 148e12), ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12),
+    ("A10G", 70e12), ("A10", 125e12), ("L4", 121e12), ("4090", 165e12), ("A6000", 155e12),
+]
+
+try:
+    PROFILE = P.get_profile()  # $AR_PROFILE, else full on CUDA and tiny on CPU
+except P.PrepareError as e:
+    config_error(e)
+
 # =============================================================================================
-# Knobs. Each is overridable as AR_<NAME>=value (parsed as a Python literal of the same type).
+# Hyperparameters: every plain constant after SMALL is one (printed at start as `knobs: ...`).
 # =============================================================================================
-_NOT_KNOBS = set(globals())
+# The CPU profiles (tiny, smoke) train a model small enough to learn something in tens of seconds
+# on two cores: `X if SMALL else Y` gives a knob its CPU value X and its GPU (full) value Y. An edit
+# that replaces the whole value (`DEPTH = 4`) applies on every profile.
+SMALL = PROFILE.name != "full"
 
 # ---- Model shape ----
-DEPTH = 8                 # transformer blocks
+DEPTH = 2 if SMALL else 8  # transformer blocks
 ASPECT_RATIO = 64         # model_dim = DEPTH * ASPECT_RATIO, rounded up to a multiple of HEAD_DIM
-HEAD_DIM = 128            # size of one attention head
+HEAD_DIM = 32 if SMALL else 128  # size of one attention head
 KV_HEAD_RATIO = 1         # query heads per key/value head (1 = plain multi-head, 2+ = GQA)
 MLP_RATIO = 4             # MLP hidden width = MLP_RATIO * model_dim
 LOGIT_SOFTCAP = 15.0      # logits = cap * tanh(logits / cap); keeps early training stable
@@ -68,16 +86,16 @@ ROPE_BASE = 10000.0       # rotary embedding base frequency
 VALUE_EMBEDS = True       # value embeddings (ResFormer) on alternating layers, gated per head
 
 # ---- Batch ----
-TOTAL_BATCH_SIZE = 2**19  # tokens per optimizer step (gradient accumulation makes up the rest)
-DEVICE_BATCH_SIZE = 128   # sequences per forward/backward pass; lower it if you run out of memory
+TOTAL_BATCH_SIZE = 16 * 256 if SMALL else 2**19  # tokens per optimizer step (gradient accumulation makes up the rest)
+DEVICE_BATCH_SIZE = 16 if SMALL else 128  # sequences per forward/backward pass; lower it if you run out of memory
 
 # ---- Optimizer: Muon for the 2-D weight matrices, AdamW for embeddings and scalars ----
 MATRIX_LR = 0.04          # Muon learning rate
 MUON_MOMENTUM = 0.95      # Muon momentum after its warmup (starts at 0.85)
-MUON_MOMENTUM_WARMUP_STEPS = 300
+MUON_MOMENTUM_WARMUP_STEPS = 50 if SMALL else 300
 WEIGHT_DECAY = 0.2        # Muon's cautious weight decay, fades out with the LR schedule
-EMBEDDING_LR = 0.6        # AdamW, token embedding (scaled by (model_dim/768)**-0.5)
-UNEMBEDDING_LR = 0.004    # AdamW, output head (scaled likewise)
+EMBEDDING_LR = 0.3 if SMALL else 0.6  # AdamW, token embedding (scaled by (model_dim/768)**-0.5)
+UNEMBEDDING_LR = 0.008 if SMALL else 0.004  # AdamW, output head (scaled likewise)
 SCALAR_LR = 0.5           # AdamW, per-layer residual mixing scalars
 ADAM_BETA1 = 0.8
 ADAM_BETA2 = 0.95
@@ -91,75 +109,12 @@ FINAL_LR_FRAC = 0.0       # LR multiplier at the very end
 SEED = 42
 COMPILE = True            # torch.compile the model on CUDA (always off on CPU)
 
-KNOBS = sorted(k for k in set(globals()) - _NOT_KNOBS if k.isupper() and not k.startswith("_"))
 
-# CPU profiles (tiny, smoke) keep the same code but a model small enough to learn something
-# in tens of seconds on two cores. Applied after the defaults above, before ADOPTED.
-CPU_PROFILE_KNOBS = dict(
-    DEPTH=2, ASPECT_RATIO=64, HEAD_DIM=32, DEVICE_BATCH_SIZE=16, TOTAL_BATCH_SIZE=16 * 256,
-    EMBEDDING_LR=0.3, UNEMBEDDING_LR=0.008, MUON_MOMENTUM_WARMUP_STEPS=50,
-)
-
-# Overrides adopted by `make round` from a winning SWEEP candidate (one entry per knob).
-# Applied on every profile, after CPU_PROFILE_KNOBS and before AR_ environment overrides.
-ADOPTED = {}
-
-# Not knobs: fixed rules of this file that keep runs comparable.
-UNTIMED_STEPS_CUDA = 10   # the first steps compile kernels; they train but do not count toward the budget
-UNTIMED_STEPS_CPU = 1
-FAIL_LOSS_FACTOR = 2.0    # loss above FAIL_LOSS_FACTOR * ln(vocab) (twice uniform guessing) = exploded
-PEAK_BF16_FLOPS = [       # dense bf16 peak by GPU name substring, first match wins (for MFU)
-    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989.5e12), ("H200", 989.5e12),
-    ("H20", 148e12), ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12),
-    ("A10G", 70e12), ("A10", 125e12), ("L4", 121e12), ("4090", 165e12), ("A6000", 155e12),
-]
-RESULT_PREFIX = "AR_RESULT_JSON: "
-
-
-class ConfigError(Exception):
-    """Bad configuration: one line, exit code 2."""
-
-
-def _parse_knob(name, raw, default):
-    try:
-        value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        if isinstance(default, str):
-            return raw
-        raise ConfigError(f"AR_{name}={raw!r} is not a valid {type(default).__name__}") from None
-    if isinstance(default, bool):
-        if value in (0, 1) and not isinstance(value, float):
-            return bool(value)
-    elif isinstance(default, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    elif type(value) is type(default):
-        return value
-    raise ConfigError(f"AR_{name}={raw!r} is not a valid {type(default).__name__}")
-
-
-def resolve_knobs(profile, environ):
-    """defaults -> CPU profile values -> ADOPTED -> AR_ environment overrides. Returns (knobs, overrides)."""
-    g = globals()
-    knobs = {k: g[k] for k in KNOBS}
-    if profile.name != "full":
-        knobs.update(CPU_PROFILE_KNOBS)
-    for name, value in ADOPTED.items():
-        if name not in knobs:
-            raise ConfigError(f"ADOPTED names unknown knob {name!r}; valid: {', '.join(KNOBS)}")
-        knobs[name] = value
-    overrides = {}
-    for key in sorted(environ):
-        if not key.startswith("AR_"):
-            continue
-        name = key[3:]
-        if name in knobs:
-            knobs[name] = overrides[name] = _parse_knob(name, environ[key], knobs[name])
-        elif key not in P.HARNESS_ENV_VARS and not key.startswith(P.HARNESS_ENV_PREFIXES):
-            raise ConfigError(f"unknown knob {key}; valid knobs: {', '.join('AR_' + k for k in KNOBS)}")
-    bad = [k for k, v in knobs.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0]
-    if bad:
-        raise ConfigError(f"knobs must not be negative: {', '.join(bad)}")
-    return knobs, overrides
+def hyperparameters():
+    """The hyperparameter block's constants (plain values defined after SMALL), in file order."""
+    items = list(globals().items())
+    start = [k for k, _ in items].index("SMALL") + 1
+    return {k: v for k, v in items[start:] if k.isupper() and isinstance(v, (bool, int, float, str))}
 
 
 # =============================================================================================
@@ -174,8 +129,6 @@ def apply_rotary(x, cos, sin):
     x1, x2 = x[..., :d], x[..., d:]
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
-
-VE_GATE_CHANNELS = 32  # the value-embedding gate looks at this many leading channels of x
 
 
 class Attention(nn.Module):
@@ -328,13 +281,13 @@ class Muon(torch.optim.Optimizer):
             torch._foreach_copy_([p.detach() for p in ps], list(stacked.unbind(0)))
 
 
-def lr_multiplier(progress, k):
-    if progress < k["WARMUP_RATIO"]:
-        return (progress + 1e-8) / k["WARMUP_RATIO"]
-    if progress < 1.0 - k["WARMDOWN_RATIO"]:
+def lr_multiplier(progress):
+    if progress < WARMUP_RATIO:
+        return (progress + 1e-8) / WARMUP_RATIO
+    if progress < 1.0 - WARMDOWN_RATIO:
         return 1.0
-    cooldown = (1.0 - progress) / max(k["WARMDOWN_RATIO"], 1e-8)
-    return cooldown + (1.0 - cooldown) * k["FINAL_LR_FRAC"]
+    cooldown = (1.0 - progress) / max(WARMDOWN_RATIO, 1e-8)
+    return cooldown + (1.0 - cooldown) * FINAL_LR_FRAC
 
 
 # =============================================================================================
@@ -353,18 +306,6 @@ def peak_memory_mb(device):
         return torch.cuda.max_memory_allocated(device) / 1024**2
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS on CPU (Linux reports KiB)
-
-
-def emit_result(result):
-    line = RESULT_PREFIX + json.dumps(result, sort_keys=True, default=str)
-    print(line, flush=True)
-    path = os.environ.get("AR_RESULT_PATH")
-    if path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
-        os.replace(tmp, path)
 
 
 class Progress:
@@ -403,6 +344,10 @@ def prefetch(iterator, depth=2):
         yield item
 
 
+class ConfigError(Exception):
+    """Bad configuration: one line, exit code 2."""
+
+
 class TrainingFailed(Exception):
     pass
 
@@ -415,84 +360,81 @@ def _on_sigterm(signum, frame):
     raise Terminated()
 
 
-RUN = {}  # what is known about this run so far; a failure result reports it
+def check_config(T):
+    negative = [k for k, v in hyperparameters().items() if not isinstance(v, (bool, str)) and v < 0]
+    if negative:
+        raise ConfigError(f"hyperparameters must not be negative: {', '.join(negative)}")
+    if DEVICE_BATCH_SIZE < 1 or TOTAL_BATCH_SIZE < 1 or TOTAL_BATCH_SIZE % (DEVICE_BATCH_SIZE * T):
+        raise ConfigError(f"TOTAL_BATCH_SIZE={TOTAL_BATCH_SIZE} must be a positive multiple of "
+                          f"DEVICE_BATCH_SIZE * seq_len = {DEVICE_BATCH_SIZE} * {T}")
+    if min(DEPTH, HEAD_DIM, KV_HEAD_RATIO, ASPECT_RATIO) < 1 or HEAD_DIM % 2:
+        raise ConfigError("DEPTH, ASPECT_RATIO, KV_HEAD_RATIO must be >= 1 and HEAD_DIM even and >= 2")
 
 
 def main():
-    profile = P.get_profile()
+    profile = PROFILE
     source = P.get_data_source(profile)
-    knobs, overrides = resolve_knobs(profile, os.environ)
-    k = knobs
     T = profile.max_seq_len
-    if k["DEVICE_BATCH_SIZE"] < 1 or k["TOTAL_BATCH_SIZE"] < 1 or k["TOTAL_BATCH_SIZE"] % (k["DEVICE_BATCH_SIZE"] * T):
-        raise ConfigError(f"TOTAL_BATCH_SIZE={k['TOTAL_BATCH_SIZE']} must be a positive multiple of "
-                          f"DEVICE_BATCH_SIZE * seq_len = {k['DEVICE_BATCH_SIZE']} * {T}")
-    if min(k["DEPTH"], k["HEAD_DIM"], k["KV_HEAD_RATIO"], k["ASPECT_RATIO"]) < 1 or k["HEAD_DIM"] % 2:
-        raise ConfigError("DEPTH, ASPECT_RATIO, KV_HEAD_RATIO must be >= 1 and HEAD_DIM even and >= 2")
-    RUN.update(profile=profile.name, data=source)
+    check_config(T)
     P.ensure_prepared(profile, source)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     is_cuda = device.type == "cuda"
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(P.inductor_cache_dir()))
     os.environ.setdefault("TRITON_CACHE_DIR", str(Path(P.inductor_cache_dir()) / "triton"))
-    torch.manual_seed(k["SEED"])
+    torch.manual_seed(SEED)
     if is_cuda:
-        torch.cuda.manual_seed(k["SEED"])
+        torch.cuda.manual_seed(SEED)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     autocast = torch.amp.autocast("cuda", dtype=torch.bfloat16) if is_cuda else nullcontext()
-    use_compile = is_cuda and k["COMPILE"]
+    use_compile = is_cuda and COMPILE
 
     tokenizer = P.Tokenizer.load(profile, source)
     vocab_size = tokenizer.get_vocab_size()
-    head_dim = k["HEAD_DIM"]
-    dim = -(-k["DEPTH"] * k["ASPECT_RATIO"] // head_dim) * head_dim
-    n_head = dim // head_dim
-    if n_head % k["KV_HEAD_RATIO"]:
-        raise ConfigError(f"n_head={n_head} is not divisible by KV_HEAD_RATIO={k['KV_HEAD_RATIO']}")
-    n_kv_head = n_head // k["KV_HEAD_RATIO"]
+    dim = -(-DEPTH * ASPECT_RATIO // HEAD_DIM) * HEAD_DIM
+    n_head = dim // HEAD_DIM
+    if n_head % KV_HEAD_RATIO:
+        raise ConfigError(f"n_head={n_head} is not divisible by KV_HEAD_RATIO={KV_HEAD_RATIO}")
+    n_kv_head = n_head // KV_HEAD_RATIO
     with device:
-        model = GPT(vocab_size, T, k["DEPTH"], dim, n_head, n_kv_head, head_dim, k["MLP_RATIO"] * dim,
-                    k["LOGIT_SOFTCAP"], k["ROPE_BASE"], k["VALUE_EMBEDS"])
+        model = GPT(vocab_size, T, DEPTH, dim, n_head, n_kv_head, HEAD_DIM, MLP_RATIO * dim,
+                    LOGIT_SOFTCAP, ROPE_BASE, VALUE_EMBEDS)
     model.init_weights()
 
     num_params = sum(p.numel() for p in model.parameters())
     emb_params = model.wte.weight.numel() + sum(p.numel() for p in model.value_embeds.parameters())
     # Training FLOPs per token: 6 per non-embedding weight, plus attention (the reference's formula).
-    flops_per_token = 6 * (num_params - emb_params) + 12 * k["DEPTH"] * n_head * head_dim * T
-    tokens_per_micro = k["DEVICE_BATCH_SIZE"] * T
-    grad_accum = k["TOTAL_BATCH_SIZE"] // tokens_per_micro
+    flops_per_token = 6 * (num_params - emb_params) + 12 * DEPTH * n_head * HEAD_DIM * T
+    grad_accum = TOTAL_BATCH_SIZE // (DEVICE_BATCH_SIZE * T)
     device_name = gpu_name(device)
     peak = peak_flops(device_name)
-    RUN.update(device=device_name, gpu=device_name, depth=k["DEPTH"], knobs=knobs, overrides=overrides)
 
     print(f"profile: {profile.name} | data: {source} | device: {device_name} | seq_len: {T} | "
-          f"time_budget: {profile.time_budget:g}s | vocab: {vocab_size}", flush=True)
-    print("knobs: " + " ".join(f"{name}={knobs[name]!r}" + ("*" if name in overrides else "") for name in KNOBS),
-          flush=True)
+          f"time_budget: {profile.time_budget:g}s | vocab: {vocab_size} | "
+          f"corpus: {str(tokenizer.meta.get('corpus_sha256'))[:16]}", flush=True)
+    print("knobs: " + " ".join(f"{k}={v!r}" for k, v in hyperparameters().items()), flush=True)
     print(f"model: dim={dim} heads={n_head} kv_heads={n_kv_head} params={num_params / 1e6:.2f}M "
-          f"grad_accum={grad_accum}" + ("  (* = overridden)" if overrides else ""), flush=True)
+          f"grad_accum={grad_accum}", flush=True)
 
     matrices = [p for b in model.blocks for p in b.parameters()]
     scale = (dim / 768) ** -0.5
     adam_groups = [
-        dict(params=[model.wte.weight, *model.value_embeds.parameters()], lr=k["EMBEDDING_LR"] * scale),
-        dict(params=[model.lm_head.weight], lr=k["UNEMBEDDING_LR"] * scale),
-        dict(params=[model.resid_lambdas, model.x0_lambdas], lr=k["SCALAR_LR"]),
+        dict(params=[model.wte.weight, *model.value_embeds.parameters()], lr=EMBEDDING_LR * scale),
+        dict(params=[model.lm_head.weight], lr=UNEMBEDDING_LR * scale),
+        dict(params=[model.resid_lambdas, model.x0_lambdas], lr=SCALAR_LR),
     ]
     for g in adam_groups:
         g["initial_lr"] = g["lr"]
-    adamw = torch.optim.AdamW(adam_groups, betas=(k["ADAM_BETA1"], k["ADAM_BETA2"]), eps=1e-10,
-                              weight_decay=0.0, fused=is_cuda)
-    muon = Muon(matrices, lr=k["MATRIX_LR"], momentum=k["MUON_MOMENTUM"], weight_decay=k["WEIGHT_DECAY"],
-                compile_step=use_compile)
+    adamw = torch.optim.AdamW(adam_groups, betas=(ADAM_BETA1, ADAM_BETA2), eps=1e-10, weight_decay=0.0,
+                              fused=is_cuda)
+    muon = Muon(matrices, lr=MATRIX_LR, momentum=MUON_MOMENTUM, weight_decay=WEIGHT_DECAY, compile_step=use_compile)
     train_model = torch.compile(model, dynamic=False) if use_compile else model
 
     budget = float(profile.time_budget)
     untimed = UNTIMED_STEPS_CUDA if is_cuda else UNTIMED_STEPS_CPU
     fail_loss = FAIL_LOSS_FACTOR * math.log(vocab_size)
-    loader = prefetch(P.make_dataloader(tokenizer, k["DEVICE_BATCH_SIZE"], T, "train", profile, source, device))
+    loader = prefetch(P.make_dataloader(tokenizer, DEVICE_BATCH_SIZE, T, "train", profile, source, device))
     x, y, epoch = next(loader)
     progress_out = Progress()
     step, training_time, smooth, startup_seconds = 0, 0.0, None, None
@@ -509,20 +451,19 @@ def main():
             (loss / grad_accum).backward()
             x, y, epoch = next(loader)  # the next batch is prepared while the GPU works
         progress = min(training_time / budget, 1.0)
-        lrm = lr_multiplier(progress, k)
+        lrm = lr_multiplier(progress)
         for g in adamw.param_groups:
             g["lr"] = g["initial_lr"] * lrm
-        frac = min(step / max(k["MUON_MOMENTUM_WARMUP_STEPS"], 1), 1.0)
+        frac = min(step / max(MUON_MOMENTUM_WARMUP_STEPS, 1), 1.0)
         for g in muon.param_groups:
-            g["lr"] = k["MATRIX_LR"] * lrm
-            g["momentum"] = (1 - frac) * 0.85 + frac * k["MUON_MOMENTUM"]
-            g["weight_decay"] = k["WEIGHT_DECAY"] * (1 - progress)
+            g["lr"] = MATRIX_LR * lrm
+            g["momentum"] = (1 - frac) * 0.85 + frac * MUON_MOMENTUM
+            g["weight_decay"] = WEIGHT_DECAY * (1 - progress)
         adamw.step()
         muon.step()
         model.zero_grad(set_to_none=True)
         loss_f = loss.item()  # one sync per step; also the fast-fail check
         dt = time.time() - t0
-        RUN["num_steps"] = step
         if not math.isfinite(loss_f):
             raise TrainingFailed(f"loss is {loss_f} at step {step}")
         if loss_f > fail_loss:
@@ -530,7 +471,7 @@ def main():
         if step >= untimed:
             training_time += dt
         smooth = loss_f if smooth is None else 0.9 * smooth + 0.1 * loss_f
-        tok_s = k["TOTAL_BATCH_SIZE"] / dt
+        tok_s = TOTAL_BATCH_SIZE / dt
         mfu = 100 * flops_per_token * tok_s / peak if peak else 0.0
         step += 1
         done = step > untimed and training_time >= budget
@@ -541,44 +482,31 @@ def main():
         if done:
             break
 
-    timed_steps = step - untimed
-    tokens_per_sec = timed_steps * k["TOTAL_BATCH_SIZE"] / training_time
+    tokens_per_sec = (step - untimed) * TOTAL_BATCH_SIZE / training_time
     mfu = 100 * flops_per_token * tokens_per_sec / peak if peak else 0.0
     model.eval()
     with autocast:
-        val_bpb = P.evaluate_bpb(train_model, tokenizer, k["DEVICE_BATCH_SIZE"], profile, source, device)
+        val_bpb = P.evaluate_bpb(train_model, tokenizer, DEVICE_BATCH_SIZE, profile, source, device)
     if not math.isfinite(val_bpb):
         raise TrainingFailed(f"val_bpb is {val_bpb}")
 
-    result = dict(
-        status="ok",
-        val_bpb=round(val_bpb, 6),
-        training_seconds=round(training_time, 1),
-        total_seconds=round(time.time() - T_PROCESS_START, 1),
-        peak_vram_mb=round(peak_memory_mb(device), 1),
-        mfu_percent=round(mfu, 2),
-        total_tokens_M=round(step * k["TOTAL_BATCH_SIZE"] / 1e6, 1),
+    summary = dict(
+        val_bpb=f"{val_bpb:.6f}",
+        training_seconds=f"{training_time:.1f}",
+        total_seconds=f"{time.time() - T_PROCESS_START:.1f}",
+        peak_vram_mb=f"{peak_memory_mb(device):.1f}",
+        mfu_percent=f"{mfu:.2f}",
+        total_tokens_M=f"{step * TOTAL_BATCH_SIZE / 1e6:.1f}",
         num_steps=step,
-        num_params_M=round(num_params / 1e6, 1),
-        depth=k["DEPTH"],
+        num_params_M=f"{num_params / 1e6:.1f}",
+        depth=DEPTH,
         profile=profile.name,
         data=source,
         device=device_name,
-        startup_seconds=round(startup_seconds, 1),
+        startup_seconds=f"{startup_seconds:.1f}",
         tokens_per_sec=round(tokens_per_sec),
     )
-    summary_keys = list(result)[1:]
-    print("---")
-    for key in summary_keys:
-        value = result[key]
-        print(f"{key + ':':<18}{value:.6f}" if key == "val_bpb" else f"{key + ':':<18}{value}")
-    result.update(gpu=device_name, knobs=knobs, overrides=overrides, train_py_sha256=train_py_sha256(),
-                  data_sha256=tokenizer.meta.get("corpus_sha256"))
-    emit_result(result)
-
-
-def train_py_sha256():
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+    print("---\n" + "\n".join(f"{key + ':':<18}{value}" for key, value in summary.items()), flush=True)
 
 
 if __name__ == "__main__":
@@ -586,17 +514,17 @@ if __name__ == "__main__":
     try:
         main()
     except (ConfigError, P.PrepareError) as e:
-        print(f"train: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    except (Exception, KeyboardInterrupt, Terminated) as e:  # every crash ends with a FAIL line and a JSON result
+        config_error(e)
+    except (Exception, KeyboardInterrupt, Terminated) as e:  # every crash ends with a FAIL line
         if isinstance(e, TrainingFailed):
             reason = str(e)
         elif isinstance(e, (KeyboardInterrupt, Terminated)):
             reason = "interrupted (SIGINT)" if isinstance(e, KeyboardInterrupt) else "terminated (SIGTERM)"
         else:
             traceback.print_exc()
-            reason = f"{type(e).__name__}: {e}".splitlines()[0]
+            name = type(e).__qualname__
+            name = name if type(e).__module__ == "builtins" else f"{type(e).__module__}.{name}"
+            reason = f"{name}: {e}".splitlines()[0]  # e.g. torch.OutOfMemoryError: CUDA out of memory. ...
+        sys.stderr.flush()
         print(f"\nFAIL: {reason}", flush=True)
-        emit_result(dict(RUN, status="fail", error=reason, total_seconds=round(time.time() - T_PROCESS_START, 1),
-                         train_py_sha256=train_py_sha256()))
         sys.exit(130 if isinstance(e, KeyboardInterrupt) else 143 if isinstance(e, Terminated) else 1)
