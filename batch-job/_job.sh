@@ -14,7 +14,7 @@
 #                     instead of autoresearch/code/<sha>.bundle on the volume
 #   AR_VESSL_PYTHON   an interpreter of the image that already has the dependencies: no venv at all
 #   AR_VESSL_MAX_S    hard limit of the whole job, seconds (SIGTERM, SIGKILL 30 s later)
-#   AR_PROFILE, AR_DATA (and AR_CLIMBMIX_URL, AR_PROGRESS_INTERVAL_S) when set at submit, as they are
+#   AR_PROFILE, AR_DATA (and AR_CLIMBMIX_URL) when set at submit, as they are
 #
 # What it does, and what it does not (the per-job overhead; see batch-job/README.md):
 #   1. git fetch of the commit from the bundle on the volume (or the remote), HEAD verified.

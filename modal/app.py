@@ -228,7 +228,7 @@ def prep(snapshot: bytes, profile: str = "full", data: str = "", num_shards: int
 
 # The job is a dict: `name` (the job name), `commit`, `env` (`AR_PROFILE`, `AR_DATA` when set at
 # submit), `snapshot` (tar bytes), optionally `forward` (harness settings such as
-# `AR_PROGRESS_INTERVAL_S`) and `limit_s` (the trainer's time limit, below the Function's timeout).
+# `AR_CLIMBMIX_URL`) and `limit_s` (the trainer's time limit, below the Function's timeout).
 
 # The trainer gets a clean environment: no `AR_` variable of the container except the job's own and
 # `AR_CACHE_DIR` on the Volume. The call returns the trainer's exit code, its summary block, the log

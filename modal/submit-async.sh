@@ -18,8 +18,8 @@
 #
 # Env: AR_TAG (default "default"), AR_PROFILE / AR_DATA (passed to the job and part of its name),
 #      AR_STATE_DIR, AR_MODAL_APP (default autoresearch), AR_MODAL_PYTHON (default
-#      <repo>/.venv/bin/python, else python3; needs the `modal` package), AR_CLIMBMIX_URL and
-#      AR_PROGRESS_INTERVAL_S (forwarded to the job).
+#      <repo>/.venv/bin/python, else python3; needs the `modal` package), AR_CLIMBMIX_URL
+#      (forwarded to the job).
 # Contract: docs/contract.md
 set -euo pipefail
 
@@ -45,7 +45,7 @@ git -C "$repo" archive --format=tar "$AR_RES_SHA" >"$tmp/src.tar"
 env_json=$(jq -n '$ARGS.positional | map(index("=") as $i | {(.[:$i]): .[$i + 1:]}) | add // {}' \
     --args "${AR_RES_PAIRS[@]}")
 forward=$(jq -n '$ARGS.named | with_entries(select(.value != ""))' \
-    --arg AR_CLIMBMIX_URL "${AR_CLIMBMIX_URL:-}" --arg AR_PROGRESS_INTERVAL_S "${AR_PROGRESS_INTERVAL_S:-}")
+    --arg AR_CLIMBMIX_URL "${AR_CLIMBMIX_URL:-}")
 # The trainer's own limit inside the call: the wait's deadline for this profile, plus a margin.
 profile=$(jq -r '.AR_PROFILE // ""' <<<"$env_json")
 limit=$(( $(ar_timeout_s $(( 3 * $(ar_profile_budget "$profile") + 600 ))) + 300 ))

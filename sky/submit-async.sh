@@ -181,8 +181,7 @@ setup_key=$({ cat "$tmp/src/pyproject.toml" 2>/dev/null || true; printf '\n%s\n'
 cp "$here/_lib.sh" "$here/_sky.sh" "$here/_sky-job.sh" "$tmp/bin/"  # immune to later edits
 cp "$yaml" "$tmp/bin/task.yaml"
 forward=$(jq -n '$ARGS.named | with_entries(select(.value != ""))' --arg AR_SKY_BUCKET "${AR_SKY_BUCKET:-}" \
-    --arg AR_SKY_MOUNT "${AR_SKY_MOUNT:-}" --arg AR_SKY_PYTHON "${AR_SKY_PYTHON:-}" \
-    --arg AR_PROGRESS_INTERVAL_S "${AR_PROGRESS_INTERVAL_S:-}")
+    --arg AR_SKY_MOUNT "${AR_SKY_MOUNT:-}" --arg AR_SKY_PYTHON "${AR_SKY_PYTHON:-}")
 jq -n '{backend: "sky", id: $id, name: $name, tag: $tag, commit: $commit, commit_short: $commit[:7],
         env: $env, forward: $forward, cluster: $cluster, placement: $how, gpu: $gpu, gpus: $gpus,
         infra: $infra, idle_minutes: $idle, train_py_sha256: $train, setup_key: $key,

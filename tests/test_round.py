@@ -143,6 +143,9 @@ def test_rules_of_the_game_refuse_before_anything_runs(proj):
     assert "winner" not in rnd(proj, "round", "--k=1", "--tag=t", check=0).stdout.replace("no winner", "")
     git(proj, "branch", "autoresearch/t-r3-c1", "refs/autoresearch/t/r2-c1")
     assert "already ran on tag t" in rnd(proj, "round", "--k=1", "--tag=t", check=2).stderr
+    git(proj, "branch", "-D", "autoresearch/t-r3-c1")
+    assert "already ran on tag t" in rnd(proj, "round", "--k=1", "--sweep=MATRIX_LR=0.09", "--tag=t", check=2).stderr
+    assert "changes nothing" in rnd(proj, "round", "--k=1", "--sweep=MATRIX_LR=0.05", "--tag=t", check=2).stderr
 
 
 def test_a_candidate_that_trains_longer_is_not_kept(proj):

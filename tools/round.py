@@ -22,9 +22,11 @@ A round, step by step (each step a command you could run by hand):
   winner      the best score among the candidates (AR_METRIC, default val_bpb; AR_METRIC_GOAL min or
               max), kept when it beats the best's score (the mean of every run of the best commit under
               this setting) by more than the threshold: AR_MIN_DELTA, else 2 sigma, sigma pooled over
-              the control runs of each commit (c0, c0b, make baseline's) under this setting. A candidate that trained more than 10%
-              longer than the best is not kept. The winner is fast-forwarded: the best branch then reads
-              as plain code. Candidate branches move to refs/autoresearch/<tag>/r<N>-c<i>.
+              the control runs of each commit (c0, c0b, make baseline's) under this setting. A
+              candidate that trained more than 10% longer than the best is not kept. The winner is
+              fast-forwarded, so the best branch reads as plain code (a checked-out best is left
+              alone: the table names the `git merge --ff-only` to run). Candidate branches move to
+              refs/autoresearch/<tag>/r<N>-c<i>.
 A setting is backend/gpu/profile (AR_GPU: a label for prices, default the local GPU, `cpu`, or H100 on
 a cloud; AR_PROFILE, default `default`): runs of different settings are never compared.
 
@@ -117,6 +119,12 @@ def train_file(commit):
     raise RoundError(f"commit {commit[:10]} has neither trainer/train.py nor train.py")
 
 
+def trees(revs):
+    """The tree of each revision (None where git does not have it), in one git call."""
+    out = git("cat-file", "--batch-check=%(objectname)", input="".join(f"{r}^{{tree}}\n" for r in revs))
+    return [None if " " in t else t for t in out.splitlines()] if revs else []
+
+
 def identity():
     """commit-tree needs a name and an email; a machine without them still gets commits."""
     env = {}
@@ -128,14 +136,17 @@ def identity():
 
 
 def commit_file(parent, path, text, message):
-    """A commit on `parent` whose `path` is `text`, made with plumbing: no checkout, no index of yours."""
+    """A commit on `parent` whose `path` is `text`, made with plumbing: no checkout, no index of yours.
+    Dated like its parent, so the same edit of the same best is the same commit (and is not run twice)."""
     blob = git("hash-object", "-w", "--stdin", input=text)
+    date = git("log", "-1", "--format=%cI", parent)
     with tempfile.TemporaryDirectory() as d:
-        env = {"GIT_INDEX_FILE": f"{d}/index", **identity()}
+        env = {"GIT_INDEX_FILE": f"{d}/index"}
         git("read-tree", parent, env=env)
         git("update-index", "--cacheinfo", f"100644,{blob},{path}", env=env)
         tree = git("write-tree", env=env)
-    return git("commit-tree", tree, "-p", parent, "-m", message, env=identity())
+    return git("commit-tree", tree, "-p", parent, "-m", message,
+               env={**identity(), "GIT_AUTHOR_DATE": date, "GIT_COMMITTER_DATE": date})
 
 
 def worktree_of(branch):
@@ -533,40 +544,39 @@ def candidates(tag, n, k, sweep, best, st):
     path = train_file(best)
     branches = [f"autoresearch/{tag}-r{n}-c{i}" for i in range(1, k + 1)]
     have = [b for b in branches if rev(f"refs/heads/{b}")]
+    if sweep and have:
+        raise UsageError(f"SWEEP given but {have[0]} exists; delete the prepared branches or drop SWEEP")
     if sweep:
-        if have:
-            raise UsageError(f"SWEEP given but {have[0]} exists; delete the prepared branches or drop SWEEP")
-        source = git("show", f"{best}:{path}")
-        out = []
-        for i, combo in enumerate(sweep_values(sweep, k), 1):
+        source, made = git("show", f"{best}:{path}"), []
+        for combo in sweep_values(sweep, k):
             text = source
             for name, value in combo.items():
                 text = set_constant(text, name, value, path)
             desc = " ".join(f"{a}={b}" for a, b in combo.items())
-            out.append((f"c{i}", commit_file(best, path, text, f"sweep: {desc}"), desc))
-        return out
-    if len(have) < k:
+            made.append((f"SWEEP {desc}", commit_file(best, path, text, f"sweep: {desc}"), desc))
+    elif len(have) < k:
         missing = [b for b in branches if b not in have]
         raise UsageError(f"missing candidate branch(es) {', '.join(missing)}: create each from autoresearch/{tag} "
                          f"(git switch -c {missing[0]} autoresearch/{tag}; edit {path}; commit), or use SWEEP=")
-    if rev(f"refs/heads/autoresearch/{tag}-r{n}-c{k + 1}"):
-        log(f"warning: autoresearch/{tag}-r{n}-c{k + 1} exists but K={k}; it is not part of this round")
-    ran = {r["commit"] for r in rows_of(st, tag) if r["score"] is not None}
-    out = []
-    for i, b in enumerate(branches, 1):
-        sha = rev(f"refs/heads/{b}")
+    else:
+        made = [(b, rev(f"refs/heads/{b}"), git("log", "-1", "--format=%s", b)[:100]) for b in branches]
+        if rev(f"refs/heads/autoresearch/{tag}-r{n}-c{k + 1}"):
+            log(f"warning: autoresearch/{tag}-r{n}-c{k + 1} exists but K={k}; it is not part of this round")
+    ran = [r["commit"] for r in rows_of(st, tag) if r["score"] is not None]
+    ran = dict(zip(trees(ran), ran, strict=True))  # the same code is the same tree, whatever the commit
+    for what, sha, _ in made:
         if git("merge-base", "--is-ancestor", best, sha, check=False).returncode:
-            raise UsageError(f"{b} does not contain the best autoresearch/{tag} ({best[:10]}); rebase it on it")
+            raise UsageError(f"{what} does not contain the best autoresearch/{tag} ({best[:10]}); rebase it on it")
         files = git("diff", "--name-only", best, sha).split()
         if not files:
-            raise UsageError(f"{b} changes nothing; commit your edit of {path}")
+            raise UsageError(f"{what} changes nothing (commit your edit of {path}; a SWEEP value must differ)")
         if [f for f in files if f != path]:
-            raise UsageError(f"{b} changes {', '.join(f for f in files if f != path)}: a candidate may change "
+            raise UsageError(f"{what} changes {', '.join(f for f in files if f != path)}: a candidate may change "
                              f"only {path} (the rest is the fixed harness)")
-        if sha[:7] in ran:
-            raise UsageError(f"{b} is commit {sha[:7]}, which already ran on tag {tag}; results.tsv has its score")
-        out.append((f"c{i}", sha, git("log", "-1", "--format=%s", sha)[:100]))
-    return out
+        if trees([sha])[0] in ran:
+            raise UsageError(f"{what} is the code of commit {ran[trees([sha])[0]]}, which already ran on tag {tag}; "
+                             "results.tsv has its score")
+    return [(f"c{i}", sha, desc) for i, (_, sha, desc) in enumerate(made, 1)]
 
 
 def new_ledger(kind, tag, n, backend, st, spec, best, cands):

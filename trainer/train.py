@@ -11,7 +11,7 @@ agents must not edit. Everything here is fair game: the model, the optimizer, th
 
 The hyperparameters are the plain constants below, one assignment each; to try a value, edit its
 line (a SWEEP round does the same: one commit per value). Nothing is read from the environment
-except the harness's AR_PROFILE, AR_DATA, AR_CACHE_DIR and AR_PROGRESS_INTERVAL_S.
+except the harness's AR_PROFILE, AR_DATA and AR_CACHE_DIR.
 
 Output: a header and the effective hyperparameters, progress lines, then the summary block as the
 last thing on stdout: `---`, then val_bpb, training_seconds, total_seconds, peak_vram_mb,
@@ -309,11 +309,11 @@ def peak_memory_mb(device):
 
 
 class Progress:
-    """\\r-overwritten line on a TTY; otherwise one plain line every AR_PROGRESS_INTERVAL_S seconds."""
+    """\\r-overwritten line on a TTY; otherwise one plain line every 5 seconds."""
 
     def __init__(self):
         self.tty = sys.stdout.isatty()
-        self.interval = float(os.environ.get("AR_PROGRESS_INTERVAL_S", "5"))
+        self.interval = 5.0
         self.last = -math.inf
 
     def update(self, text, final=False):
