@@ -140,9 +140,7 @@ max_s=$(($(ar_timeout_s $((3 * budget + 600))) + 600))
 
 VS_JOB_ENV=("AR_VESSL_MODE=train" "AR_VESSL_COMMIT=$sha" "AR_VESSL_RUN=$run" "AR_VESSL_MAX_S=$max_s")
 [[ -z $VS_PYTHON ]] || VS_JOB_ENV+=("AR_VESSL_PYTHON=$VS_PYTHON")
-for var in AR_CLIMBMIX_URL; do
-    [[ -z ${!var:-} || " ${AR_RES_PAIRS[*]%%=*} " == *" $var "* ]] || VS_JOB_ENV+=("$var=${!var}")
-done
+[[ -z ${AR_CLIMBMIX_URL:-} ]] || VS_JOB_ENV+=("AR_CLIMBMIX_URL=$AR_CLIMBMIX_URL")
 VS_JOB_ENV+=("${AR_RES_PAIRS[@]}")
 vs_ship_code "$root" "$repo" "$sha"
 vs_ship_entry "$root" "$here"

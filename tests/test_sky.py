@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO, clean_env
+from contract.contract_util import processes_under
 
 FAKE_SKY = REPO / "tests" / "fakes" / "sky"
 FAKE_TRAINER = '''\
@@ -47,22 +48,6 @@ GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@test.invalid"]
 TERMINAL = ("SUCCEEDED", "FAILED", "FAILED_SETUP", "FAILED_DRIVER", "CANCELLED")
 MANAGED_TERMINAL = ("SUCCEEDED", "CANCELLED", "FAILED", "FAILED_SETUP", "FAILED_PRECHECKS", "FAILED_NO_RESOURCE",
                     "FAILED_CONTROLLER")
-
-
-def processes_under(path):
-    """Live processes whose command line or working directory mentions `path`."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            cwd = os.readlink(proc / "cwd")
-        except OSError:
-            continue
-        if str(path) in cmd or cwd.startswith(str(path)):
-            found.append(f"{proc.name}: {cmd.strip()}")
-    return found
 
 
 def managed_jobs(sky):
