@@ -14,7 +14,6 @@ import argparse
 import fcntl
 import itertools
 import json
-import math
 import os
 import re
 import sys
@@ -26,21 +25,19 @@ EXTRA = ["tag", "round", "candidate", "job_id", "backend", "gpu", "profile", "nu
          "training_seconds", "wall_s", "cost_usd", "time"]
 HEADER = re.compile(r"^=== (\S+) \(([a-z]+)\) ===\s*$")
 KV = re.compile(r"^([A-Za-z_]\w*):\s+(\S.*?)\s*$")
+NUM = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
-SKY_PREFIX = re.compile(r"^\((?:task|setup|worker\d*)[^()]*pid=\d+[^()]*\)\s?")  # `(task, pid=12) `
 ERROR = re.compile(r"^(FAIL\b|[\w.]*(Error|Exception|Interrupt)\b)|\b(error|killed|out of memory)\b", re.I)
 
 
 def clean(line):
-    """A log line as a person reads it: last `\\r` frame, no colour, no SkyPilot prefix."""
-    return SKY_PREFIX.sub("", ANSI.sub("", line.rstrip("\r").rsplit("\r", 1)[-1])).rstrip()
+    """A log line as a person reads it: the last `\\r` frame, no colour (a recipe strips its CLI's prefixes)."""
+    return ANSI.sub("", line.rstrip("\r").rsplit("\r", 1)[-1]).rstrip()
 
 
 def number(text):
-    try:
-        return float(text)
-    except (TypeError, ValueError):
-        return None
+    """A finite number, else None (`nan`, `inf`, words, nothing)."""
+    return float(text) if isinstance(text, str) and NUM.fullmatch(text.strip()) else None
 
 
 def summary(lines):
@@ -61,9 +58,12 @@ def crash_reason(lines):
 def record(job_id, state, lines, metric="val_bpb"):
     block = summary(lines) if state == "succeeded" else {}
     value = number(block.get(metric))
-    reason = (state if state in ("timeout", "cancelled") else (crash_reason(lines) or state) if state != "succeeded"
-              else "no summary block in the log" if not block else ""
-              if value is not None and math.isfinite(value) else f"{metric} is {block.get(metric, 'missing')}")
+    if state != "succeeded":
+        reason = state if state in ("timeout", "cancelled") else crash_reason(lines) or state
+    elif not block:
+        reason = "no summary block in the log"
+    else:
+        reason = "" if value is not None else f"{metric} is {block.get(metric, 'missing')}"
     return dict(job_id=job_id, state=state, summary=block, value=None if reason else value, reason=reason)
 
 
@@ -97,7 +97,10 @@ def _load(path, metric):
     if header[:2] != ["commit", metric]:
         sys.exit(f"results: error: {path} scores {header[1] if len(header) > 1 else '?'}, not {metric} "
                  "(AR_METRIC); move it aside or set AR_METRIC to match")
-    return header, [dict(zip(header, x.split("\t"), strict=False)) for x in lines[1:] if x.strip()]
+    rows = [{**dict.fromkeys(header, ""), **dict(zip(header, x.split("\t"), strict=False))} for x in lines[1:] if x]
+    for r in rows:  # `score`: the metric as a float, None for a crash
+        r["score"] = None if r["status"] == "crash" else number(r[metric])
+    return header, rows
 
 
 def _update(path, metric, change):
@@ -133,11 +136,8 @@ def append_rows(path, rows, metric="val_bpb"):
 
 
 def read_rows(path, metric="val_bpb"):
-    """results.tsv -> dicts; `score` is the metric column as a float (None for a crash)."""
-    header, rows = _load(Path(path), metric)
-    for r in rows:
-        r.update({**dict.fromkeys(header, ""), **r}, score=None if r["status"] == "crash" else number(r[metric]))
-    return rows
+    """results.tsv -> dicts, with `score`: the metric as a float (None for a crash)."""
+    return _load(Path(path), metric)[1]
 
 
 def relabel_round(path, tag, old, new, metric="val_bpb"):
@@ -157,7 +157,7 @@ def main(argv=None):
     ap.add_argument("cmd", choices=["parse", "show"])
     ap.add_argument("file", nargs="?", default="-")
     ap.add_argument("--tag", default="")
-    ap.add_argument("--last", type=int, default=5, help="show: rounds to show (0: all)")
+    ap.add_argument("--last", type=int, default=5, help="show: how many rounds")
     a = ap.parse_args(argv)
     metric = os.environ.get("AR_METRIC") or "val_bpb"
     if a.cmd == "parse":
@@ -165,9 +165,9 @@ def main(argv=None):
             print(json.dumps(rec))
         return 0
     rows = [r for r in read_rows("results.tsv", metric) if r["tag"] == a.tag or not a.tag]
-    rounds = list(dict.fromkeys((r["tag"], r["round"]) for r in rows))[-a.last:] if a.last else None
+    last = list(dict.fromkeys((r["tag"], r["round"]) for r in rows))[-a.last:]
     cols = ["tag", "round", "candidate", "commit", metric, "num_steps", "status", "description"]
-    body = [[r[c][:70] for c in cols] for r in rows if rounds is None or (r["tag"], r["round"]) in rounds]
+    body = [[r[c][:70] for c in cols] for r in rows if (r["tag"], r["round"]) in last]
     print(table(cols, body) if body else "no results yet" + (f" for tag {a.tag}" if a.tag else ""))
     return 0
 

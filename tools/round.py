@@ -51,6 +51,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -103,7 +104,8 @@ def git(*args, check=True, input=None, env=None, cwd=REPO):
     p = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, input=input,
                        env={**os.environ, **(env or {})})
     if check and p.returncode:
-        raise RoundError(f"git {' '.join(args[:2])} failed: {(p.stderr or p.stdout).strip().splitlines()[-1:]}")
+        why = ((p.stderr or p.stdout).strip().splitlines() or ["no output"])[-1]
+        raise RoundError(f"git {' '.join(args[:2])} failed: {why}")
     return p.stdout.strip() if check else p
 
 
@@ -225,13 +227,9 @@ def setting(backend):
     gpu = os.environ.get("AR_GPU", "").strip()
     if not gpu and backend == "local":
         p = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                           text=True) if _has("nvidia-smi") else None
+                           text=True) if shutil.which("nvidia-smi") else None
         gpu = (p.stdout.splitlines() or ["cpu"])[0].strip() if p and p.returncode == 0 else "cpu"
     return dict(backend=backend, gpu=gpu or "H100", profile=os.environ.get("AR_PROFILE", "").strip() or "default")
-
-
-def _has(cmd):
-    return any(os.access(os.path.join(d, cmd), os.X_OK) for d in os.environ.get("PATH", "").split(os.pathsep))
 
 
 def rows_of(st, tag=None):
