@@ -83,7 +83,7 @@ def test_rows_keep_the_reference_columns_first_and_never_a_tab(tmp_path):
                        job_id="j2")
     R.append_rows(f, [crash])
     got = R.read_rows(f)
-    assert [r["score"] for r in got] == [0.9979, None]
+    assert [r.score for r in got] == [0.9979, None]
     assert got[1]["description"] == "bigger -- crash: torch.OutOfMemoryError: CUDA out of memory"
     R.relabel_round(f, "t", "1", "1-abandoned")
     assert {r["round"] for r in R.read_rows(f)} == {"1-abandoned"}

@@ -41,7 +41,7 @@ def plot(rows, key, out):
     from matplotlib.ticker import MaxNLocator
 
     xs = list(range(1, len(rows) + 1))
-    vals = [r["score"] for r in rows]
+    vals = [r.score for r in rows]
     ok = [(x, v, r) for x, v, r in zip(xs, vals, rows, strict=True) if v is not None]
     fig, ax = plt.subplots(figsize=(10, 5.5), dpi=120)
     disc = [(x, v) for x, v, r in ok if r["status"] != "keep"]

@@ -91,15 +91,20 @@ def make_row(rec, metric, *, commit, status, description, **extra):
     return {k: re.sub(r"\s+", " ", str(v)).strip() for k, v in row.items()}  # a TSV field: no tab, no newline
 
 
+class Row(dict):
+    """A results.tsv row: its columns, and `.score`, the metric as a number (None for a crash)."""
+    score = None
+
+
 def _load(path, metric):
     lines = path.read_text().splitlines() if path.exists() else []
     header = lines[0].split("\t") if lines else ["commit", metric, "memory_gb", "status", "description", *EXTRA]
     if header[:2] != ["commit", metric]:
         sys.exit(f"results: error: {path} scores {header[1] if len(header) > 1 else '?'}, not {metric} "
                  "(AR_METRIC); move it aside or set AR_METRIC to match")
-    rows = [{**dict.fromkeys(header, ""), **dict(zip(header, x.split("\t"), strict=False))} for x in lines[1:] if x]
-    for r in rows:  # `score`: the metric as a float, None for a crash
-        r["score"] = None if r["status"] == "crash" else number(r[metric])
+    rows = [Row(dict.fromkeys(header, ""), **dict(zip(header, x.split("\t"), strict=False))) for x in lines[1:] if x]
+    for r in rows:
+        r.score = None if r["status"] == "crash" else number(r[metric])
     return header, rows
 
 
@@ -136,7 +141,7 @@ def append_rows(path, rows, metric="val_bpb"):
 
 
 def read_rows(path, metric="val_bpb"):
-    """results.tsv -> dicts, with `score`: the metric as a float (None for a crash)."""
+    """results.tsv -> Row dicts (with .score)."""
     return _load(Path(path), metric)[1]
 
 

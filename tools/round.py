@@ -239,10 +239,10 @@ def rows_of(st, tag=None):
 
 def best_score(st, tag, commit):
     """(mean score, number of runs, mean training_seconds) of the best commit under this setting."""
-    runs = [r for r in rows_of(st, tag) if r["score"] is not None and commit.startswith(r["commit"])]
+    runs = [r for r in rows_of(st, tag) if r.score is not None and commit.startswith(r["commit"])]
     secs = [R.number(r["training_seconds"]) for r in runs if R.number(r["training_seconds"])]
     mean = lambda xs: sum(xs) / len(xs) if xs else None
-    return mean([r["score"] for r in runs]), len(runs), mean(secs)
+    return mean([r.score for r in runs]), len(runs), mean(secs)
 
 
 def noise(st):
@@ -250,8 +250,8 @@ def noise(st):
     each commit. A winner's own run is left out: it was picked for being low, and it ran in another round."""
     groups = {}
     for r in rows_of(st):
-        if r["score"] is not None and re.fullmatch(r"c0b?|base\d+", r["candidate"]):
-            groups.setdefault(r["commit"], []).append(r["score"])
+        if r.score is not None and re.fullmatch(r"c0b?|base\d+", r["candidate"]):
+            groups.setdefault(r["commit"], []).append(r.score)
     groups = [g for g in groups.values() if len(g) > 1]
     dof = sum(len(g) - 1 for g in groups)
     if not dof:
@@ -560,7 +560,7 @@ def candidates(tag, n, k, sweep, best, st):
         made = [(b, rev(f"refs/heads/{b}"), git("log", "-1", "--format=%s", b)[:100]) for b in branches]
         if rev(f"refs/heads/autoresearch/{tag}-r{n}-c{k + 1}"):
             log(f"warning: autoresearch/{tag}-r{n}-c{k + 1} exists but K={k}; it is not part of this round")
-    ran = [r["commit"] for r in rows_of(st, tag) if r["score"] is not None]
+    ran = [r["commit"] for r in rows_of(st, tag) if r.score is not None]
     ran = dict(zip(trees(ran), ran, strict=True))  # the same code is the same tree, whatever the commit
     for what, sha, _ in made:
         if git("merge-base", "--is-ancestor", best, sha, check=False).returncode:
@@ -826,13 +826,13 @@ def cmd_promote(args):
     top = int_arg("--top", args.top, 1, 16)
 
     def make(tag, n, best, st):
-        scored = [r for r in R.read_rows(RESULTS, METRIC) if r["tag"] == tag and r["score"] is not None
+        scored = [r for r in R.read_rows(RESULTS, METRIC) if r["tag"] == tag and r.score is not None
                   and any(r[x] != st[x] for x in st)]
         picked = {}
-        for r in sorted(scored, key=lambda r: SIGN * r["score"]):
+        for r in sorted(scored, key=lambda r: SIGN * r.score):
             picked.setdefault(r["commit"], r)
         full = {c[:7]: c for c in git("rev-list", "--all").split()}
-        out = [(f"c{i}", full[r["commit"]], f"promote: {r['description'][:60]} ({r['score']:.4f} on "
+        out = [(f"c{i}", full[r["commit"]], f"promote: {r['description'][:60]} ({r.score:.4f} on "
                 f"{r['backend']}/{r['gpu']})") for i, r in enumerate(list(picked.values())[:top], 1)
                if r["commit"] in full]
         if not out:
