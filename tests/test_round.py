@@ -118,9 +118,11 @@ def test_copied_project_sweep_round_keeps_the_winner_as_plain_code(proj):
     assert git(proj, "branch", "--list", "autoresearch/t-r1-*") == ""
     assert git(proj, "rev-parse", "refs/autoresearch/t/r1-c2")
     # round 2 runs one control: the new best has one run
-    branch(proj, "autoresearch/t-r2-c1", ("train.py", "DEPTH = 8 ", "DEPTH = 12"), "depth 12")
+    hostile = """depth 12 $(touch pwned); `touch pwned` "quoted" 'too'"""
+    branch(proj, "autoresearch/t-r2-c1", ("train.py", "DEPTH = 8 ", "DEPTH = 12"), hostile)
     rnd(proj, "round", "--k=1", "--tag=t", check=0)
     assert [x["candidate"] for x in rows(proj)[4:]] == ["c0", "c1"]
+    assert rows(proj)[5]["description"] == hostile and not (proj / "pwned").exists()
 
 
 def test_rules_of_the_game_refuse_before_anything_runs(proj):
