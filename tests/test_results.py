@@ -42,8 +42,9 @@ def test_reference_block_at_the_end_of_a_long_log():
 
 def test_several_blocks_and_colour():
     sky = "".join(f"\x1b[32m{line}\x1b[0m\n" for line in BLOCK.splitlines())
-    text = f"=== a (succeeded) ===\n{sky}=== b (failed) ===\n{OOM}=== c (timeout) ===\nstep 9\n"
-    a, b, c = R.parse(text)
+    text = f"=== a (succeeded) ===\n{sky}=== b (failed) ===\n{OOM}=== c (timeout) ===\nstep 9\n=== d (expired) ===\n"
+    a, b, c, d = R.parse(text)
+    assert d["value"] is None and "the run itself did not fail" in d["reason"]
     assert a["value"] == pytest.approx(0.9979)
     assert b["value"] is None and b["reason"].startswith("torch.OutOfMemoryError: CUDA out of memory")
     assert c["reason"] == "timeout"

@@ -25,6 +25,7 @@ EXTRA = ["tag", "round", "candidate", "job_id", "backend", "gpu", "profile", "nu
          "training_seconds", "wall_s", "cost_usd", "time"]
 HEADER = re.compile(r"^=== (\S+) \(([a-z]+)\) ===\s*$")
 KV = re.compile(r"^([A-Za-z_]\w*):\s+(\S.*?)\s*$")
+EXPIRED = "expired: the backend no longer keeps the result (the run itself did not fail); run it again"
 NUM = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
 ERROR = re.compile(r"^(FAIL\b|[\w.]*(Error|Exception|Interrupt)\b)|\b(error|killed|out of memory)\b", re.I)
@@ -59,7 +60,8 @@ def record(job_id, state, lines, metric="val_bpb"):
     block = summary(lines) if state == "succeeded" else {}
     value = number(block.get(metric))
     if state != "succeeded":
-        reason = state if state in ("timeout", "cancelled") else crash_reason(lines) or state
+        reason = EXPIRED if state == "expired" else state if state in ("timeout", "cancelled") else crash_reason(lines)
+        reason = reason or state
     elif not block:
         reason = "no summary block in the log"
     else:
