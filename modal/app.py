@@ -1,341 +1,387 @@
-# ---
-# deploy: true
-# cmd: ["modal", "run", "modal/app.py::experiment", "--profile", "smoke"]
-# ---
+# # Parallel autoresearch on Modal: K commits, K GPUs, one summary block each
 
-# # Parallel autoresearch on Modal: one experiment per GPU, none left running
+# An autoresearch round trains K candidate commits of the training script at once, each for the same
+# wall-clock budget, and keeps the one with the lowest `val_bpb`. On Modal each candidate is one call
+# of a deployed Function: a GPU container starts for it, runs the train command on that commit and
+# returns karpathy's summary block, then goes away. K calls are K GPUs; between rounds, zero.
 
-# An autoresearch round trains K variants of `trainer/train.py` at once, each for a fixed wall-clock
-# budget, and keeps the one with the lowest `val_bpb`. Between rounds the agent is thinking, and a
-# reserved cluster would sit idle. On Modal each experiment is one call of a deployed Function: a GPU
-# container starts for it, runs the trainer, returns the result and goes away. K calls at once are K
-# GPUs; zero calls are zero GPUs.
+# This file is the whole recipe. Top to bottom: the settings, the image, the Volume, the GPU function
+# `train`, the data step `prep`, a debug Sandbox, and the fan-out from your machine (submit, wait,
+# cancel, logs), which the four scripts next to this file call. Deploy it once, then fan out:
 
-# This file is the whole Modal side of the backend:
-
-# - an Image with the project's pinned dependencies,
-# - a Volume with the prepared data, the tokenizer and the compile cache,
-# - `prep`, which fills the Volume once,
-# - `run_experiment`, which runs one experiment from a code snapshot and returns its log and summary,
-# - three local entrypoints: `prepare`, `experiment` (one blocking run, a smoke test) and `sandbox`
-#   (an interactive GPU container for debugging).
-
-# The fan-out scripts next to it (`submit-async.sh`, `wait-jobs.sh`, ...) spawn `run_experiment` on
-# the *deployed* app (`make modal-deploy`) and collect the results by call id; see `README.md`.
-
-# ## Setup
-
-# Everything that decides what runs where is read from the environment when the app is deployed
-# (`modal deploy` imports this file). Inside a container the same names come back from the
-# Function's `env`, so the container sees the configuration it was deployed with.
+#     modal deploy modal/app.py                                      # the image, the Volume, `train`
+#     modal run modal/app.py::prepare                                # data and tokenizer, once
+#     modal/submit-async.sh --commit SHA --name ar-x-r1-c0           # prints a FunctionCall id
+#     modal/wait-jobs.sh fc-...                                      # the summary block
 
 import io
 import os
 import re
+import shlex
+import signal
 import subprocess
 import sys
 import tarfile
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import modal
+try:
+    import modal
+except ImportError:  # the scripts run this file with your project's python: it needs the package
+    print(f"{(sys.argv[1:] or ['app.py'])[0]}: no 'modal' package for {sys.executable}: uv add modal "
+          "(or pip install modal)", file=sys.stderr)
+    sys.exit(3)
+
+# ## Settings
+
+# Read where the app is deployed (and passed on to its containers through `env=`). The GPU defaults to
+# `H100!`: an H100 and nothing else. Without the `!` Modal may move a call to a faster GPU, and a
+# fixed time budget on another GPU is another experiment: results are compared on one GPU type only.
+# `AR_MODAL_GPU=A100-80GB` or `H100:8` picks another; then compare only runs of that deployment.
 
 APP_NAME = os.environ.get("AR_MODAL_APP") or "autoresearch"
+GPU = os.environ.get("AR_MODAL_GPU") or "H100!"
 VOLUME_NAME = os.environ.get("AR_MODAL_VOLUME") or "autoresearch-cache"
-CACHE_DIR = "/cache"  # where the Volume is mounted; AR_CACHE_DIR of the trainer and prepare.py
-
-# The GPU. `H100!` asks for an H100 and nothing else: without the `!` Modal may upgrade a call to a
-# faster GPU, and a 5-minute budget on another GPU is another experiment (its val_bpb is not
-# comparable). Scaling is one parameter: `AR_MODAL_GPU=H100:8` gives each call eight H100s (for a
-# trainer that uses them), `AR_MODAL_GPU=H100!,A100-80GB` is a fallback list (first available wins;
-# every result records the GPU it ran on).
-GPU_SPEC = os.environ.get("AR_MODAL_GPU") or "H100!"
-
-
-def parse_gpu(spec: str) -> str | list[str]:
-    """`H100!` -> "H100!"; `H100!,A100-80GB` -> ["H100!", "A100-80GB"] (Modal's fallback list)."""
-    parts = [p.strip() for p in spec.split(",") if p.strip()]
-    if not parts:
-        raise ValueError("AR_MODAL_GPU is empty; use e.g. H100!, H100:8 or H100!,A100-80GB")
-    return parts[0] if len(parts) == 1 else parts
-
-
-GPU = parse_gpu(GPU_SPEC)
-
-# Modal's default Function timeout is 300 s, shorter than one experiment of the full profile (300 s
-# of training plus start-up, compilation and evaluation). The timeout is also the server-side hard
-# limit of every call: a lost laptop cannot leave a GPU running for longer than this.
-TIMEOUT_S = int(os.environ.get("AR_MODAL_TIMEOUT_S") or 1800)
-PREP_TIMEOUT_S = 3 * 3600  # downloading shards and training a tokenizer, once
-
-REPO = Path(__file__).resolve().parent.parent  # meaningful on your machine only
-FUNCTION_ENV = {
-    "AR_MODAL_APP": APP_NAME,
-    "AR_MODAL_VOLUME": VOLUME_NAME,
-    "AR_MODAL_GPU": GPU_SPEC,
-    "AR_MODAL_TIMEOUT_S": str(TIMEOUT_S),
-}
+TIMEOUT_S = int(os.environ.get("AR_MODAL_TIMEOUT_S") or 1800)  # the server-side limit of every call
+SETTINGS = {k: v for k, v in os.environ.items() if k.startswith("AR_MODAL_")}  # for the containers
+ROOT = Path(__file__).resolve().parents[1]  # your project (on your machine)
+CACHE = "/root/.cache/autoresearch"  # karpathy's prepare.py and train.py keep data here (~ is /root)
 
 app = modal.App(APP_NAME)
 
-# ## The container image
+# ## The image: your project's locked dependencies
 
-# The same pinned stack as `make setup`: `pip_install_from_pyproject` reads the `[project]`
-# dependencies of `pyproject.toml` (exact pins) when the image is built. Modal caches the built
-# image and rebuilds it only when the pins change. The code is *not* baked in: every call brings the
-# snapshot it runs, so one image serves every candidate. A C compiler is there for Triton, which
-# `torch.compile` uses on the GPU.
+# `uv_sync` installs the `pyproject.toml` and `uv.lock` of your project (read when you deploy) with
+# `uv sync --frozen`, so the container trains with the stack you locked. The code is not in the
+# image: every call brings the commit it runs, so one image serves every candidate. In the container
+# `python` is that synced environment, so the train command runs without `uv run`.
 
 image = (
     modal.Image.debian_slim(python_version="3.11")
-    .apt_install("build-essential")
-    .pip_install_from_pyproject(str(REPO / "pyproject.toml"))
-    .env({"AR_CACHE_DIR": CACHE_DIR, "PYTHONUNBUFFERED": "1"})
+    .apt_install("build-essential")  # a C compiler for Triton (torch.compile)
+    .uv_sync(str(ROOT))
+    .env({"AR_CACHE_DIR": CACHE, "TORCHINDUCTOR_CACHE_DIR": f"{CACHE}/inductor", "PYTHONUNBUFFERED": "1"})
 )
 
 # ## The Volume: data, tokenizer and compile cache
 
-# `prepare/prepare.py` keeps everything under `AR_CACHE_DIR`: the data shards, the tokenizer of each
-# profile and `inductor/`, the compile cache that `trainer/train.py` points `TORCHINDUCTOR_CACHE_DIR`
-# at. With `AR_CACHE_DIR` on a Volume, a container starts with the data in place and with kernels
-# compiled by earlier runs. Each run also writes its log and `exit_code` under its own directory,
-# `runs/<call id>/`, so a result survives even when the caller never collects it.
-
-# A container sees the Volume as it was when the container started (`reload()` catches up) and its
-# own writes reach other containers after `commit()`. Version 2 Volumes take commits from many
-# containers at once, which is what K parallel experiments do.
+# Mounted where the trainer looks for its cache, the Volume holds the shards and the tokenizer that
+# `prep` writes once, and `inductor/`, the kernels `torch.compile` built, so later containers skip
+# most of the compilation. A container sees the Volume as of its start (`reload()` catches up) and
+# its writes reach others after `commit()`; version 2 Volumes take commits from K containers at once.
 
 volume = modal.Volume.from_name(VOLUME_NAME, create_if_missing=True, version=2)
 
-# ## Running code from a snapshot
+# ## One experiment: `train`
 
-# A call carries the candidate as a tar of `git archive <commit>` (bytes): the exact commit the agent
-# made, not whatever the working tree holds by the time the container starts.
+# A call carries `git archive <commit>` (bytes) and the settings of the submitting shell
+# (`AR_PROFILE`, `AR_DATA`, `AR_CACHE_DIR`, `AR_TRAIN_CMD` when set). It unpacks the archive, runs the
+# train command from its root, and streams the output to the container's stdout, which Modal keeps
+# as the call's log (`FunctionCall.logs`, what `logs.sh` prints). The command is `AR_TRAIN_CMD`,
+# else `python trainer/train.py` when that file exists, else `python train.py` (karpathy's layout).
 
+# The call returns the summary block: the last line that is exactly `---` and the `key: value` lines
+# after it ("" when the trainer printed none). A train command that exits non-zero makes the call
+# raise, with the last 40 lines of its output, so Modal shows the call as failed and `get()` raises.
 
-def unpack(snapshot: bytes, dest: str) -> None:
-    with tarfile.open(fileobj=io.BytesIO(snapshot)) as tar:
-        tar.extractall(dest, filter="data")  # no absolute paths, no escaping links
-
-
-def git_snapshot(rev: str = "HEAD") -> bytes:
-    """`git archive` of a commit of this repository, as bytes (on your machine)."""
-    return subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", rev], check=True,
-                          capture_output=True).stdout
-
-
-def now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+TAIL = 40
+KV = re.compile(r"^[A-Za-z_]\w*:\s+\S")
 
 
-def gpu_name() -> str:
-    """The GPU this container got (what `nvidia-smi` says), or "cpu"."""
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=30).stdout.strip().splitlines()
-    except (OSError, subprocess.SubprocessError):
-        out = []
-    return f"{len(out)} x {out[0]}" if len(out) > 1 else out[0] if out else "cpu"
+def clean(line: str) -> str:
+    return line.rstrip("\r\n").rsplit("\r", 1)[-1]  # a line redrawn with \r: its last frame
 
 
-def run_streaming(cmd: list[str], cwd: str, env: dict, log_path: Path, limit_s: float) -> int:
-    """Run `cmd`, copying its output to `log_path` and to this container's stdout (Modal's live
-    logs). After `limit_s` seconds it gets SIGTERM (the trainer then prints a FAIL line and exits
-    143), SIGKILL 30 s later. Whatever interrupts us (a cancelled call) stops it too."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+def summary_block(lines: list[str]) -> str:
+    for i in reversed([i for i, line in enumerate(lines) if line == "---"]):
+        block = ["---"]
+        for line in lines[i + 1:]:
+            if not KV.match(line):
+                break
+            block.append(line)
+        if len(block) > 1:
+            return "\n".join(block)
+    return ""
 
-    def stop(note: str | None = None):
-        if proc.poll() is None:
-            if note:
-                with log_path.open("a") as log:
-                    log.write(f"[ar-modal] {now()} {note}\n")
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
+
+def unpack(archive: bytes, dest: str) -> None:
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(dest, filter="data")  # no absolute paths, no links out of dest
+
+
+@app.function(image=image, gpu=GPU, volumes={CACHE: volume}, timeout=TIMEOUT_S, env=SETTINGS)
+def train(archive: bytes, env: dict) -> str:
+    if not modal.is_local():
+        volume.reload()  # the data and kernels committed since this container started
+    with tempfile.TemporaryDirectory(prefix="ar-") as src:
+        unpack(archive, src)
+        script = "trainer/train.py" if Path(src, "trainer/train.py").is_file() else "train.py"
+        cmd = shlex.split(env.get("AR_TRAIN_CMD", "")) or ["python", script]
+        proc = subprocess.Popen(cmd, cwd=src, env={**os.environ, **env}, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        lines = []
+        try:
+            for raw in proc.stdout:
+                lines.append(clean(text := raw.decode(errors="replace")))
+                print(text, end="", flush=True)  # the call's log, live
+            code = proc.wait()
+        finally:  # a cancelled call (InputCancellation) or any error: the trainer goes too
+            if proc.poll() is None:
                 proc.kill()
-
-    timer = threading.Timer(limit_s, stop, [f"time limit of {limit_s:.0f}s reached: SIGTERM"])
-    timer.daemon = True
-    timer.start()
-    try:
-        with log_path.open("ab") as log:
-            for line in proc.stdout:
-                log.write(line)
-                log.flush()
-                sys.stdout.buffer.write(line)
-                sys.stdout.flush()
-        return proc.wait()
-    except BaseException:  # cancelled (Modal raises into the function), interrupted, ...
-        stop()
-        raise
-    finally:
-        timer.cancel()
-
-
-def summary_block(log: str) -> str:
-    """The trainer's summary block: the last line that is exactly `---` and the `key: value` lines
-    right after it ("" when there is none)."""
-    lines = log.splitlines()
-    start = max((i for i, line in enumerate(lines) if line == "---"), default=None)
-    if start is None:
-        return ""
-    block = []
-    for line in lines[start + 1:]:
-        if not re.match(r"[A-Za-z_]\w*:(\s|$)", line):
-            break
-        block.append(line)
-    return "\n".join(["---", *block]) + "\n" if block else ""
+            if not modal.is_local():
+                volume.commit()  # what the compile cache learned
+    if code != 0:
+        raise RuntimeError("\n".join([*lines[-TAIL:], f"note: {shlex.join(cmd)} exited with code {code}"]))
+    return summary_block(lines)
 
 
 # ## Filling the Volume: `prep`
 
-# Runs `prepare/prepare.py` of a snapshot against the Volume: ClimbMix shards for the full profile,
-# the offline corpus for tiny and smoke, then the tokenizer. It is idempotent (prepare.py skips what
-# is complete) and needs no GPU. Run it once per profile with the `prepare` entrypoint below.
+# Runs your project's prepare script (`prepare/prepare.py`, else karpathy's `prepare.py`) of a commit
+# in a CPU container with the Volume mounted as its cache. Once per data set or profile:
+
+#     modal run modal/app.py::prepare                        # karpathy: shards + tokenizer
+#     modal run modal/app.py::prepare --profile smoke        # this project's profiles
 
 
-@app.function(image=image, volumes={CACHE_DIR: volume}, timeout=PREP_TIMEOUT_S, cpu=8.0, memory=32768,
-              env=FUNCTION_ENV)
-def prep(snapshot: bytes, profile: str = "full", data: str = "", num_shards: int = 0) -> str:
-    in_container = not modal.is_local()
-    if in_container:
-        volume.reload()
-    cache = os.environ.get("AR_CACHE_DIR") or CACHE_DIR
-    cmd = [sys.executable, "prepare/prepare.py", "--profile", profile]
-    cmd += ["--data", data] if data else []
-    cmd += ["--num-shards", str(num_shards)] if num_shards else []
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AR_")}
-    env.update(AR_CACHE_DIR=cache, PYTHONUNBUFFERED="1")
+@app.function(image=image, volumes={CACHE: volume}, timeout=3 * 3600, cpu=8.0, memory=32768, env=SETTINGS)
+def prep(archive: bytes, args: list) -> None:
+    with tempfile.TemporaryDirectory(prefix="ar-") as src:
+        unpack(archive, src)
+        script = "prepare/prepare.py" if Path(src, "prepare/prepare.py").is_file() else "prepare.py"
+        subprocess.run(["python", script, *args], cwd=src, check=True)
+    volume.commit()
+
+
+def git(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True)
+
+
+@app.local_entrypoint()
+def prepare(profile: str = "", num_shards: int = 0, commit: str = "HEAD"):
+    args = (["--profile", profile] if profile else []) + (["--num-shards", str(num_shards)] if num_shards else [])
+    prep.remote(git("archive", commit).stdout, args)
+
+
+# ## Debugging: an interactive GPU Sandbox
+
+# When a candidate fails on the GPU in a way its log does not explain, open a container with the same
+# image, GPU and Volume, and your working tree (uncommitted edits included) at `/repo`:
+
+#     modal run modal/app.py::debug          # prints the sandbox id; Enter or Ctrl-C stops it
+#     modal shell sb-...                     # in another terminal: a shell in it
+
+# However the entrypoint ends, `Sandbox.terminate()` stops the sandbox, so its GPU stops billing now
+# rather than at its timeout (`--hours`).
+
+
+@app.local_entrypoint()
+def debug(hours: float = 1.0):
+    tree = image.add_local_dir(ROOT, "/repo", ignore=[".git", ".venv", ".ar", "**/__pycache__"])
+    sb = modal.Sandbox.create("sleep", "infinity", app=app, image=tree, gpu=GPU, volumes={CACHE: volume},
+                              workdir="/repo", timeout=int(hours * 3600))
     try:
-        with tempfile.TemporaryDirectory(prefix="ar-prep-") as work:
-            unpack(snapshot, work)
-            log = Path(work) / "prep.log"
-            code = run_streaming(cmd, work, env, log, PREP_TIMEOUT_S - 120)
-            text = log.read_text(errors="replace")
+        print(f"sandbox {sb.object_id} ({GPU}): in another terminal, `modal shell {sb.object_id}`; "
+              "press Enter here to stop it")
+        input()
     finally:
-        if in_container:
-            volume.commit()
-    if code != 0:
-        raise RuntimeError(f"prepare.py exited with {code}:\n{text[-4000:]}")
-    return text
+        sb.terminate()
 
 
-# ## One experiment: `run_experiment`
+# ## The fan-out, from your machine
 
-# The job is a dict: `name` (the job name), `commit`, `env` (`AR_PROFILE`, `AR_DATA` when set at
-# submit), `snapshot` (tar bytes), optionally `forward` (harness settings such as
-# `AR_CLIMBMIX_URL`) and `limit_s` (the trainer's time limit, below the Function's timeout).
+# The scripts call this file: `python modal/app.py SCRIPT ARGS...`. Nothing is stored locally; Modal
+# is the record. The job id is the FunctionCall id that `spawn` returns, and a job's state and result
+# come from `FunctionCall.from_id(id).get(timeout=0)`: it returns the summary block, raises the
+# builtin `TimeoutError` while the call runs, re-raises the error of a failed call, and raises
+# `OutputExpiredError` once Modal no longer keeps the result (a late collection: reported as
+# `expired`, not as a failed experiment; the log stays readable). `FunctionCall.cancel()` stops a call.
 
-# The trainer gets a clean environment: no `AR_` variable of the container except the job's own and
-# `AR_CACHE_DIR` on the Volume. The call returns the trainer's exit code, its summary block, the log
-# (its last `LOG_TAIL_BYTES`, in practice all of it) and the GPU it ran on. The experiment succeeded
-# when the trainer exited 0; a failed one is a normal return with `state: "failed"`; an exception
-# means the function itself broke.
+# Names make a submit idempotent (a round driver killed between submit and ledger must not pay twice),
+# so the name -> id map lives in a `modal.Dict` next to the app, as does the way a call we cancelled
+# ended (cancelled, or timeout at a wait's deadline), which Modal does not tell apart. Keys:
+# ("name", NAME, n) -> the id of the n-th job of NAME (or "claimed T" while it is being spawned);
+# ("call", ID) -> NAME; ("end", ID) -> (state, note).
 
-LOG_TAIL_BYTES = 1_000_000
+NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+ID_RE = re.compile(r"^fc-[A-Za-z0-9]{1,64}$")
+FORWARD = ("AR_TRAIN_CMD", "AR_PROFILE", "AR_DATA", "AR_CACHE_DIR")
+PROG = "app.py"
 
 
-@app.function(image=image, gpu=GPU, volumes={CACHE_DIR: volume}, timeout=TIMEOUT_S, env=FUNCTION_ENV)
-def run_experiment(job: dict) -> dict:
-    started = time.time()
-    in_container = not modal.is_local()
-    if in_container:
-        volume.reload()  # see the data and compile cache committed since this container started
-    cache = Path(os.environ.get("AR_CACHE_DIR") or CACHE_DIR)
-    call_id = modal.current_function_call_id() or f"local-{job['name']}-{os.getpid()}-{int(started)}"
-    run_dir = cache / "runs" / call_id
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log_path = run_dir / "log"
-    gpu = gpu_name()
-    limit_s = max(60.0, min(float(job.get("limit_s") or TIMEOUT_S), TIMEOUT_S - 60.0))
+def refuse(code: int, message: str):
+    print(f"{PROG}: {message}", file=sys.stderr)
+    sys.exit(code)
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AR_")}
-    env.update(job.get("forward") or {})
-    env.update(job.get("env") or {})
-    env.update(AR_CACHE_DIR=str(cache), PYTHONUNBUFFERED="1")
+
+def jobs() -> "modal.Dict":
+    return modal.Dict.from_name(f"{APP_NAME}-jobs", create_if_missing=True)
+
+
+def submit(argv: list[str]) -> int:
+    opts = {"--commit": "", "--name": ""}
+    while argv:
+        if argv[0] not in opts:
+            refuse(2, f"unknown argument '{argv[0]}' (see --help)")
+        if len(argv) < 2:
+            refuse(2, f"{argv[0]} needs a value (see --help)")
+        opts[argv[0]], argv = argv[1], argv[2:]
+    commit, name = opts["--commit"], opts["--name"]
+    if name and not NAME_RE.match(name):
+        refuse(2, f"bad --name '{name}': lowercase letters, digits and '-', at most 63, no '-' at either end")
+    if not commit and git("status", "--porcelain", "--untracked-files=no").stdout.strip():
+        refuse(2, "uncommitted changes to tracked files: commit them, or pass --commit REV to run a commit")
+    rev = git("rev-parse", "--verify", "--quiet", f"{commit or 'HEAD'}^{{commit}}")
+    if commit.startswith("-") or rev.returncode:
+        refuse(2, f"unknown commit '{commit or 'HEAD'}'")
+    sha = rev.stdout.decode().strip()
+    name = name or f"ar-{sha[:10]}"
+    env = {k: os.environ[k] for k in FORWARD if os.environ.get(k)}
+    d, n = jobs(), 1
+    while True:  # claim ("name", NAME, n): put(skip_if_exists=True) lets one submit of a name win
+        key = ("name", name, n)
+        if d.put(key, f"claimed {time.time()}", skip_if_exists=True):
+            break
+        got = d.get(key) or f"claimed {time.time()}"  # gone again: a failed submit released it
+        if got.startswith("claimed"):  # another submit is spawning it: wait, unless it died doing so
+            if time.time() - float(got.split()[1]) > 120:
+                n += 1
+            time.sleep(0.2)
+            continue
+        now = ended(got)
+        if now is None or now[0] == "succeeded":  # running or succeeded: that job is the answer
+            print(f"{PROG}: {name} is job {got} ({now[0] if now else 'running'}); starting nothing", file=sys.stderr)
+            print(got)
+            return 0
+        n += 1  # it failed, was cancelled or expired: the next job of the name
+    call = None
     try:
-        with log_path.open("a") as log:
-            log.write(f"[ar-modal] {now()} {job['name']}: commit {job.get('commit', '?')} on {gpu} "
-                      f"(call {call_id}, limit {limit_s:.0f}s)\n")
-        with tempfile.TemporaryDirectory(prefix="ar-run-") as work:
-            unpack(job["snapshot"], work)
-            code = run_streaming([sys.executable, "trainer/train.py"], work, env, log_path, limit_s)
-        state = "succeeded" if code == 0 else "failed"
-        (run_dir / "exit_code").write_text(f"{code}\n")
-        with log_path.open("a") as log:
-            log.write(f"[ar-modal] {now()} trainer exited with code {code} -> {state}\n")
-    finally:
-        if in_container:
-            volume.commit()  # the run's log and result, and what the compile cache learned
-
-    data = log_path.read_bytes()
-    log = data[-LOG_TAIL_BYTES:].decode(errors="replace")
-    return {
-        "name": job["name"], "call_id": call_id, "state": state, "exit_code": code,
-        "summary": summary_block(log), "log": log, "log_truncated": len(data) > LOG_TAIL_BYTES,
-        "gpu": gpu, "gpu_requested": GPU_SPEC, "run_dir": f"runs/{call_id}",
-        "seconds": round(time.time() - started, 1),
-    }
+        call = modal.Function.from_name(APP_NAME, "train").spawn(git("archive", sha).stdout, env)
+        d[("call", call.object_id)] = name
+        d[key] = call.object_id
+    except BaseException as e:  # no job may outlive a failed submit
+        if call is not None:
+            call.cancel(terminate_containers=True)
+        d.pop(key, None)
+        if isinstance(e, modal.exception.NotFoundError):
+            refuse(3, f"app '{APP_NAME}' is not deployed: run `modal deploy modal/app.py`")
+        raise
+    print(f"{PROG}: {call.object_id}: {name}, commit {sha[:10]}, on {APP_NAME}", file=sys.stderr)
+    print(call.object_id)
+    return 0
 
 
-# ## From your machine: `modal run` entrypoints
-
-# Fill the Volume for a profile (once; `--profile smoke` for the quick check below):
-
-#     modal run modal/app.py::prepare --profile full
-
-
-@app.local_entrypoint()
-def prepare(profile: str = "full", data: str = "", num_shards: int = 0, commit: str = "HEAD"):
-    print(prep.remote(git_snapshot(commit), profile, data, num_shards)[-2000:])
+def log_tail(call) -> list[str]:
+    try:
+        text = "".join(e.message for e in call.logs.tail(TAIL, source="stdout"))
+    except modal.exception.Error:
+        return []
+    return [clean(line) for line in text.splitlines()[-TAIL:]]
 
 
-# One experiment, start to finish, blocking: the single-GPU smoke test of the whole path (snapshot,
-# image, Volume, trainer, summary block). Rounds use the deployed app instead (`README.md`).
-
-#     modal run modal/app.py::experiment --profile smoke
-
-
-@app.local_entrypoint()
-def experiment(profile: str = "smoke", commit: str = "HEAD"):
-    sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", commit], check=True, capture_output=True,
-                         text=True).stdout.strip()
-    out = run_experiment.remote({"name": f"ar-try-{sha[:7]}", "commit": sha, "env": {"AR_PROFILE": profile},
-                                 "snapshot": git_snapshot(sha)})
-    print(out["summary"] or out["log"][-4000:])
-    print(f"{out['state']} on {out['gpu']} in {out['seconds']}s; log and exit_code on the Volume "
-          f"{VOLUME_NAME} under {out['run_dir']}/")
-
-
-# ## Debugging: a GPU Sandbox with the Volume and the repository
-
-# When a candidate crashes on the GPU in a way the log does not explain, open a container with the
-# same image, GPU and Volume, and your working tree (uncommitted edits included) under `/repo`:
-
-#     modal run modal/app.py::sandbox                # prints the sandbox id
-#     modal shell sb-...                             # a shell in it; then: python trainer/train.py
-#     modal container stop sb-...                    # when done (or it stops after --hours)
-
-# The Sandbox belongs to the deployed app (looked up by name, created if missing), so it outlives the
-# `modal run` that created it. `--gpu` overrides the GPU (e.g. `--gpu H100:8`).
+def ended(call_id: str):
+    """None while the call runs, else (state, lines of its block)."""
+    call = modal.FunctionCall.from_id(call_id)
+    try:
+        block = call.get(timeout=0)
+        return "succeeded", (block or "note: exit code 0 but no summary block in the log").splitlines()
+    except (modal.exception.AuthError, modal.exception.ConnectionError):
+        raise
+    except Exception as e:
+        error = e
+    mark = jobs().get(("end", call_id))
+    if mark:  # we cancelled it
+        return mark[0], [*log_tail(call), mark[1]]
+    if type(error) is TimeoutError:
+        return None
+    if isinstance(error, modal.exception.OutputExpiredError):
+        return "expired", [f"note: Modal no longer keeps this call's result (OutputExpiredError); the experiment "
+                           f"may have succeeded: modal/logs.sh {call_id} shows its log"]
+    if isinstance(error, RuntimeError):  # `train` raised: the tail and the exit code
+        return "failed", str(error).splitlines()
+    return "failed", [*log_tail(call), f"note: {type(error).__name__}: {error}"]
 
 
-@app.local_entrypoint()
-def sandbox(gpu: str = "", hours: float = 1.0):
-    ignore = [".venv", ".git", ".ar", "**/__pycache__", ".pytest_cache", ".ruff_cache", "results.tsv"]
-    sb = modal.Sandbox.create(
-        "sleep", "infinity",
-        app=modal.App.lookup(APP_NAME, create_if_missing=True),
-        image=image.add_local_dir(REPO, "/repo", ignore=ignore),
-        gpu=gpu or (GPU if isinstance(GPU, str) else GPU[0]),
-        volumes={CACHE_DIR: volume},
-        workdir="/repo",
-        timeout=int(hours * 3600),
-    )
-    print(f"sandbox {sb.object_id}: {gpu or GPU_SPEC}, Volume {VOLUME_NAME} at {CACHE_DIR}, repo at /repo")
-    print(f"  modal shell {sb.object_id}            # then: python trainer/train.py")
-    print(f"  modal container stop {sb.object_id}   # stops by itself after {hours:g} h")
+def known(ids: list[str]) -> list[str]:
+    if not ids:
+        refuse(2, f"usage: {PROG} ID... (see --help)")
+    d = jobs()
+    for call_id in ids:
+        if not ID_RE.match(call_id) or d.get(("call", call_id)) is None:
+            refuse(2, f"unknown job id '{call_id}'")
+    return list(dict.fromkeys(ids))
+
+
+def cancel(ids: list[str], end=("cancelled", "note: cancelled")) -> int:
+    for call_id in known(ids):
+        now = ended(call_id)
+        if now is None or now[0] in ("cancelled", "timeout"):  # an ended call keeps its outcome
+            jobs().put(("end", call_id), end, skip_if_exists=True)  # the first end recorded wins
+            modal.FunctionCall.from_id(call_id).cancel(terminate_containers=True)
+    return 0
+
+
+def wait(ids: list[str]) -> int:
+    got = []
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, lambda signum, _: got.append(signum))
+    pending, timeout = known(ids), os.environ.get("AR_TIMEOUT_S") or "1500"
+    if not re.fullmatch(r"[0-9]{1,9}", timeout):
+        refuse(2, f"bad AR_TIMEOUT_S '{timeout}': a number of seconds")
+    print(f"{PROG}: waiting for {len(pending)} job(s), up to {timeout}s", file=sys.stderr)
+    start, seen, failed = time.monotonic(), {}, 0
+    while pending:
+        for call_id in list(pending):
+            try:
+                out = ended(call_id)
+            except (modal.exception.Error, ConnectionError) as e:
+                if not seen:
+                    raise  # the first look: Modal is unavailable (exit 3)
+                print(f"{PROG}: {call_id}: {type(e).__name__}: {e}; asking again", file=sys.stderr)
+                continue
+            state = out[0] if out else "running"
+            if seen.get(call_id) != state:
+                print(f"{PROG}: {call_id}: {seen[call_id] + ' -> ' if call_id in seen else ''}{state}", file=sys.stderr)
+            seen[call_id] = state
+            if out:
+                print(f"=== {call_id} ({state}) ===", *out[1], sep="\n", flush=True)
+                pending.remove(call_id)
+                failed = failed or state != "succeeded"
+        if pending and (got or time.monotonic() - start >= int(timeout)):
+            for s in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(s, signal.SIG_IGN)  # nothing interrupts the cancel
+            cancel(pending, ("cancelled", "note: cancelled") if got else
+                   ("timeout", f"note: cancelled at the deadline (AR_TIMEOUT_S={timeout})"))
+        elif pending:
+            time.sleep(0.2 if time.monotonic() - start < 10 else 2)  # quick ends show at once
+    return {signal.SIGINT: 130, signal.SIGTERM: 143}.get(got[0], 1) if got else int(failed)
+
+
+def logs(ids: list[str]) -> int:
+    if len(known(ids)) != 1:
+        refuse(2, f"usage: {PROG} ID (see --help)")
+    for entry in modal.FunctionCall.from_id(ids[0]).logs.fetch(source="stdout"):
+        sys.stdout.write(entry.message)
+    return 0
+
+
+def main(script: str, argv: list[str]) -> int:
+    global PROG
+    PROG = script
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed submit still cancels what it spawned
+    run = {"submit-async.sh": submit, "wait-jobs.sh": wait, "cancel-jobs.sh": cancel, "logs.sh": logs}[script]
+    try:
+        return run(argv)
+    except KeyboardInterrupt:
+        return 130
+    except modal.exception.AuthError as e:
+        print(f"{PROG}: not logged in to Modal ({e}): run `modal setup`", file=sys.stderr)
+        return 3
+    except (modal.exception.ConnectionError, ConnectionError) as e:
+        print(f"{PROG}: cannot reach Modal ({e}): check the network, then run this again", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], sys.argv[2:]))
