@@ -1,116 +1,50 @@
 #!/usr/bin/env bash
-# prep.sh -- one-time job that fills the object volume with the data and the tokenizer (and builds the
-# job venv on it), so that every experiment job starts with nothing to download.
+# prep.sh -- fill the object volume once: run the project's prepare script as a VESSL job and wait.
 #
-# Usage: batch-job/prep.sh [--profile full|tiny|smoke] [--data offline|climbmix] [--num-shards N]
-#                          [--commit REV]
+# Usage: batch-job/prep.sh [--commit REV] [ARG...]      e.g. batch-job/prep.sh --profile full
 #
-# Runs `python prepare/prepare.py` of commit REV (default HEAD; uncommitted changes are not shipped)
-# as a VESSL job with AR_CACHE_DIR=autoresearch/cache on the volume, and waits for it. Idempotent:
-# prepare.py skips what is already there, and the venv is reused. Run it again with another
-# --profile / --data when you need those.
-# stdout: the job's `prepared: ...` line. stderr: progress; the log tail when it failed.
-# Exit: 0 prepared, 1 the job failed, 2 usage error, 3 VESSL unavailable, 130/143 interrupted
-#       (after terminating the job).
-#
-# Env: AUTORESEARCH_CACHE_VOLUME (required), AUTORESEARCH_PREP_RESOURCE_SPEC (a CPU spec; default
-#      AUTORESEARCH_RESOURCE_SPEC, with a warning), AUTORESEARCH_IMAGE, AUTORESEARCH_PYTHON,
-#      AUTORESEARCH_GIT_REMOTE, VESSLCTL_ORG / VESSLCTL_TEAM, AR_PROFILE / AR_DATA (defaults of
-#      --profile / --data; unset: full / the profile's), AR_CLIMBMIX_URL, AR_TIMEOUT_S (default 7200),
-#      AR_STATE_DIR, AR_VESSL_POLL_S.
+# Runs `python prepare/prepare.py ARG...` (or `python prepare.py ARG...` in a karpathy-layout project;
+# `uv run` in front when the commit has uv.lock) of commit REV (default HEAD, clean tree) as a job of
+# submit-async.sh named ar-prep-<commit>-<hash of the ARGs>. The script writes its cache on the job's
+# local disk; the job then copies the files the volume does not have yet onto it (plain writes:
+# nothing on the volume is overwritten, renamed or linked). Run it once per data set / profile.
+# Settings: submit-async.sh's (a CPU resource spec is enough: AUTORESEARCH_RESOURCE_SPEC=<cpu spec>
+# batch-job/prep.sh); AR_TIMEOUT_S, default 7200.
+# stdout: the job's `prepared:` lines. stderr: progress, and the log tail when it failed.
+# Exit: 0 prepared, 1 the job failed, 2 usage or precondition, 3 VESSL unavailable, 130/143 interrupted
+# (the job terminated).
 set -euo pipefail
-
-here=$(cd "$(dirname "$0")" && pwd)
-repo=$(dirname "$here")
-# shellcheck source=batch-job/_lib.sh
-source "$here/_lib.sh"
-# shellcheck source=batch-job/_vessl.sh
-source "$here/_vessl.sh"
-AR_PROG=prep.sh
-
-profile=${AR_PROFILE:-full} data=${AR_DATA:-} shards="" rev=HEAD
+me=prep.sh here=$(cd "$(dirname "$0")" && pwd)
+die() { echo "$me: $2" >&2; exit "$1"; }
+commit="" args=()
 while (($#)); do
     case $1 in
-        -h | --help) ar_usage "$0"; exit 0 ;;
-        --profile | --data | --num-shards | --commit)
-            (($# >= 2)) || ar_die 2 "$1 needs a value (see --help)"
-            case $1 in
-                --profile) profile=$2 ;;
-                --data) data=$2 ;;
-                --num-shards) shards=$2 ;;
-                --commit) rev=$2 ;;
-            esac
-            shift 2 ;;
-        --profile=* | --data=* | --num-shards=* | --commit=*) set -- "${1%%=*}" "${1#*=}" "${@:2}" ;;
-        *) ar_die 2 "unknown argument '$1' (see --help)" ;;
+        -h | --help) sed -n '2,/^set -/s/^# \{0,1\}//p' "$0"; exit 0 ;;
+        --commit) (($# > 1)) || die 2 "--commit needs a value (see --help)"; commit=$2; shift 2 ;;
+        *) args+=("$1"); shift ;;
     esac
 done
-[[ $profile =~ ^[a-z][a-z0-9-]{0,19}$ ]] || ar_die 2 "bad --profile '$profile'"
-[[ -z $data || $data =~ ^[a-z][a-z0-9-]{0,19}$ ]] || ar_die 2 "bad --data '$data'"
-[[ -z $shards || $shards =~ ^[1-9][0-9]{0,5}$ ]] || ar_die 2 "bad --num-shards '$shards': a positive integer"
-[[ $rev != -* ]] || ar_die 2 "bad --commit '$rev'"
-ar_need git jq flock sha256sum
-git -C "$repo" rev-parse --git-dir >/dev/null 2>&1 || ar_die 2 "$repo is not a git repository"
-sha=$(git -C "$repo" rev-parse --verify --quiet "$rev^{commit}") || ar_die 2 "unknown commit '$rev'"
-spec_var=AUTORESEARCH_PREP_RESOURCE_SPEC
-[[ -n ${AUTORESEARCH_PREP_RESOURCE_SPEC:-} || -z ${AUTORESEARCH_RESOURCE_SPEC:-} ]] || spec_var=AUTORESEARCH_RESOURCE_SPEC
-vs_config "$spec_var"
-vs_need_cli
-vs_auth_check
-[[ $spec_var == AUTORESEARCH_PREP_RESOURCE_SPEC ]] \
-    || ar_warn "note: AUTORESEARCH_PREP_RESOURCE_SPEC is not set; preparing on the GPU spec $VS_SPEC (set it to a CPU spec to pay less)"
-timeout_s=$(ar_timeout_s 7200)
-
-root=$(ar_state_root "$repo" vessl)
-mkdir -p "$root/jobs" "$root/names" "$root/uploads"
-exec 9>>"$root/submit.lock"
-flock -w 300 9 || ar_die 3 "another submit holds $root/submit.lock for 5 minutes; is one stuck?"
-name=ar-prep-$profile-${sha:0:7}
-runid=$(date -u +%Y%m%d-%H%M%S)-$(od -An -N3 -tx1 /dev/urandom | tr -d ' \n')
-VS_JOB_ENV=("AR_VESSL_MODE=prepare" "AR_VESSL_COMMIT=$sha" "AR_VESSL_RUN=$name/$runid"
-    "AR_VESSL_MAX_S=$((timeout_s + 600))" "AR_PROFILE=$profile")
-[[ -z $data ]] || VS_JOB_ENV+=("AR_DATA=$data")
-[[ -z $shards ]] || VS_JOB_ENV+=("AR_NUM_SHARDS=$shards")
-[[ -z ${AR_CLIMBMIX_URL:-} ]] || VS_JOB_ENV+=("AR_CLIMBMIX_URL=$AR_CLIMBMIX_URL")
-[[ -z $VS_PYTHON ]] || VS_JOB_ENV+=("AR_VESSL_PYTHON=$VS_PYTHON")
-VS_TAGS=(autoresearch ar-prep "c-${sha:0:7}" "r-$runid")
-vs_list - || ar_die 3 "cannot list VESSL jobs: $VS_ERR"
-known=$(mktemp)
-vs_slugs_in_list "$name" >"$known"
-vs_ship_code "$root" "$repo" "$sha"
-vs_ship_entry "$root" "$here"
-
-child=""
-vs_create_guarded "$root" "$name" "$known" prep.sh
-slug=$VS_SLUG dir=$root/jobs/$VS_SLUG
-mkdir -p "$dir"
-jq -n '{backend: "vessl", id: $id, slug: $id, name: $name, tag: "prep", commit: $commit, commit_short: $commit[:7],
-        env: {AR_PROFILE: $profile}, mode: "prepare", volume: $vol, spec: $spec, image: $image, run: $run,
-        cmd: $cmd, org: $org, team: $team, repo: $repo, state: "queued", submitted_at: $now,
-        started_at: null, finished_at: null, native_state: null}' \
-    --arg id "$slug" --arg name "$name" --arg commit "$sha" --arg profile "$profile" --arg vol "$VS_VOLUME" \
-    --arg spec "$VS_SPEC" --arg image "$VS_IMAGE" --arg run "$name/$runid" --arg cmd "$VS_CMD" \
-    --arg org "${VESSLCTL_ORG:-}" --arg team "${VESSLCTL_TEAM:-}" --arg repo "$repo" --arg now "$(ar_now)" \
-    | ar_write "$dir/meta.json"
-echo queued | ar_write "$dir/state"
-vs_handed_out
-exec 9>&-
-ar_warn "$slug: preparing profile $profile${data:+ ($data)} on $VS_VOLUME with $VS_SPEC; waiting (batch-job/logs.sh $slug)"
-
-# Wait with wait-jobs.sh (deadline, terminate on signals); forward our signals to it.
-trap '[[ -z $child ]] || kill -TERM "$child" 2>/dev/null || true' INT TERM
-AR_TIMEOUT_S=$timeout_s "$here/wait-jobs.sh" "$slug" >/dev/null &
-child=$!
+root=$(git -C "$here" rev-parse --show-toplevel 2>/dev/null) || die 2 "$here is not inside a git repository"
+[[ $commit != -* ]] || die 2 "unknown commit '$commit'"
+sha=$(git -C "$root" rev-parse --verify --quiet "${commit:-HEAD}^{commit}") || die 2 "unknown commit '$commit'"
+entry=prepare.py
+if git -C "$root" cat-file -e "$sha:prepare/prepare.py" 2>/dev/null; then entry=prepare/prepare.py; fi
+git -C "$root" cat-file -e "$sha:$entry" 2>/dev/null || die 2 "commit ${sha:0:10} has no prepare.py nor prepare/prepare.py"
+cmd="python $entry${args[*]:+ $(printf '%q ' "${args[@]}")}"
+if git -C "$root" cat-file -e "$sha:uv.lock" 2>/dev/null; then cmd="uv run $cmd"; fi
+name=ar-prep-${sha:0:10}-$(printf %s "$cmd" | cksum | cut -c1-6)
+slug=$(AR_TRAIN_CMD=$cmd AR_PREP=1 "$here/submit-async.sh" ${commit:+--commit "$sha"} --name "$name") || exit
+echo "$me: $slug runs '$cmd'; waiting (Ctrl-C terminates it)" >&2
+out=$(mktemp)
+trap 'rm -f "$out"' EXIT
+AR_TIMEOUT_S=${AR_TIMEOUT_S:-7200} "$here/wait-jobs.sh" "$slug" >"$out" &
+pid=$! sig=""
+trap 'sig=130; kill -TERM "$pid" 2>/dev/null || true' INT  # a background job ignores SIGINT: it gets a TERM
+trap 'sig=143; kill -TERM "$pid" 2>/dev/null || true' TERM
 rc=0
-while :; do
-    wait "$child" && rc=0 || rc=$?
-    kill -0 "$child" 2>/dev/null || break
-done
-if [[ $(ar_state "$dir") == succeeded ]]; then
-    grep '^prepared: ' "$dir/log" || ar_warn "note: the job succeeded but its log has no 'prepared:' line"
-    exit 0
-fi
-ar_warn "$slug: preparation $(ar_state "$dir"); the last lines of its log:"
-tail -n 25 "$dir/log" >&2 || true
-((rc != 0)) || rc=1
-exit "$rc"
+wait "$pid" || rc=$?
+while kill -0 "$pid" 2>/dev/null; do rc=0; wait "$pid" || rc=$?; done  # a trap ended the wait: again
+[[ -z $sig ]] || exit "$sig"
+if ((rc == 0)); then grep '^prepared' "$out" || true; exit 0; fi
+cat "$out" >&2
+exit "$((rc == 1 ? 1 : rc))"

@@ -1,168 +1,115 @@
 #!/usr/bin/env bash
-# submit-async.sh -- submit one experiment as a VESSL batch job; prints its job id (the VESSL slug).
+# submit-async.sh -- run one commit of this project as a VESSL batch job; prints the job slug.
 #
 # Usage: batch-job/submit-async.sh [--commit REV] [--name NAME]
 #
-#   --commit REV     commit to run (default HEAD; without it a dirty working tree is refused)
-#   --name NAME      job name instead of ar-<tag>-<shortsha>[-<hash of AR_PROFILE/AR_DATA>]; the
-#                    idempotency key
+#   --commit REV  the commit to run; default HEAD, and then changes to tracked files are refused
+#   --name NAME   ^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$, default ar-<first 10 hex of the commit>: the VESSL
+#                 job name. A name whose job is queued, running or succeeded (vesslctl job list) prints
+#                 that job's slug and starts nothing; after a failed or terminated one a new job starts.
 #
-# stdout: exactly one line, the job id = the VESSL job slug. Returns once the job exists.
-# The commit travels as a git bundle uploaded to the object volume (nothing is pushed; the job checks
-# out exactly that commit and verifies it). The same (tag, commit, profile, data) again returns the
-# existing job while it is queued, running or succeeded: looked up in the name -> slug record under
-# ${AR_STATE_DIR:-<repo>/.ar}/vessl/, then by name in `vesslctl job list`.
-# Exit: 0 submitted (or the existing job returned), 2 usage/precondition error, 3 VESSL unavailable
-#       (vesslctl missing, not logged in, volume/spec not configured, create failed). A job this
-#       script created is terminated before it exits non-zero.
-#
-# Env: AUTORESEARCH_CACHE_VOLUME    object volume slug (required; prepared once with prep.sh)
-#      AUTORESEARCH_RESOURCE_SPEC   resource spec of the GPU jobs (required), e.g. your team's H100 x1
-#      AUTORESEARCH_IMAGE           container image (default python:3.12; needs bash, git, python3 >= 3.11)
-#      AUTORESEARCH_PYTHON          interpreter in the image that already has the dependencies (no venv)
-#      AUTORESEARCH_GIT_REMOTE      push the commit to refs/autoresearch/commits/<sha> of this remote
-#                                   and fetch it from there, instead of uploading a bundle
-#      VESSLCTL_ORG, VESSLCTL_TEAM  passed to vesslctl; recorded, so wait/cancel/logs use the same
-#      AR_TAG (default "default"), AR_PROFILE / AR_DATA (passed to the job and part of its name),
-#      AR_TIMEOUT_S (the job's own hard limit is this + 600 s; default: the profile's wait deadline
-#      + 600 s), AR_STATE_DIR, AR_VESSL_LIST_TRIES (10) / AR_VESSL_LIST_DELAY_S (2): finding the new
-#      job's slug in `vesslctl job list`.
-# Contract: docs/contract.md
+# stdout: the job slug. The commit travels as ar-code/<sha>.tar.gz on the object volume (uploaded once
+# per commit; nothing is pushed) and runs as batch-job/_job.sh says. Settings (batch-job/README.md):
+# AUTORESEARCH_CACHE_VOLUME, AUTORESEARCH_RESOURCE_SPEC (both required), AUTORESEARCH_IMAGE, AR_TRAIN_CMD;
+# AR_PROFILE, AR_DATA and AR_CACHE_DIR reach the job when set.
+# Exit: 0 submitted (or the existing job), 2 usage or precondition, 3 vesslctl, jq or a setting missing,
+# not logged in, or VESSL refused (the message says which).
 set -euo pipefail
-
-here=$(cd "$(dirname "$0")" && pwd)
-repo=$(dirname "$here")
-# shellcheck source=batch-job/_lib.sh
-source "$here/_lib.sh"
+me=submit-async.sh here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=batch-job/_vessl.sh
-source "$here/_vessl.sh"
-AR_PROG=submit-async.sh
-
-ar_parse_submit_args "$@"
-ar_need git jq flock sha256sum
-ar_resolve_submit "$repo"
-tag=$AR_RES_TAG sha=$AR_RES_SHA name=$AR_RES_NAME
-vs_config
-vs_need_cli
-vs_auth_check
-
-root=$(ar_state_root "$repo" vessl)
-mkdir -p "$root/jobs" "$root/names" "$root/uploads"
-exec 9>>"$root/submit.lock"  # one submit at a time: lookup, create and record stay consistent
-flock -w 300 9 || ar_die 3 "another submit holds $root/submit.lock for 5 minutes; is one stuck?"
-
-env_json=$(jq -n '$ARGS.positional | map(index("=") as $i | {(.[:$i]): .[$i + 1:]}) | add // {}' \
-    --args "${AR_RES_PAIRS[@]}")
-ohash=none
-((${#AR_RES_PAIRS[@]} == 0)) || ohash=$(printf '%s\n' "${AR_RES_PAIRS[@]}" | sha256sum | cut -c1-8)
-commit_tag=c-${sha:0:7} overrides_tag=o-$ohash
-
-same_experiment() {  # same_experiment DIR -- the record ran this commit with this AR_PROFILE / AR_DATA
-    [[ $(jq --arg c "$sha" --argjson e "$env_json" '.commit == $c and .env == $e' "$1/meta.json") == true ]]
-}
-reuse() {  # reuse SLUG STATE -- print the existing job and stop
-    ar_warn "$name: already submitted as $1 ($2); not starting another"
-    echo "$1"
-    exit 0
-}
-
-# ---- idempotency 1: our record of the name --------------------------------------------------------
-declare -A ended=()
-if [[ -f $root/names/$name ]]; then
-    old=$(cat "$root/names/$name")
-    if [[ $old =~ $AR_ID_RE && -f $root/jobs/$old/meta.json ]]; then
-        old_dir=$root/jobs/$old
-        if ! vs_poll "$old_dir"; then
-            ar_warn "note: cannot ask VESSL about $old ($VS_ERR); assuming it is still alive"
-        fi
-        st=$(ar_state "$old_dir")
-        if [[ $st == queued || $st == running || $st == succeeded ]]; then
-            same_experiment "$old_dir" \
-                || ar_die 2 "name '$name' is taken by job $old ($st) for another commit or AR_PROFILE/AR_DATA; choose another --name"
-            reuse "$old" "$st"
-        fi
-        ended[$old]=1
-        ar_warn "$name: the last job $old ended $st; starting a new one"
-    fi
+. "$here/_vessl.sh"
+commit="" name=""
+while (($#)); do
+    case $1 in
+        -h | --help) help ;;
+        --commit | --name) (($# > 1)) || die 2 "$1 needs a value (see --help)"; printf -v "${1#--}" %s "$2"; shift 2 ;;
+        *) die 2 "unknown argument '$1' (see --help)" ;;
+    esac
+done
+[[ -z $name || $name =~ ^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$ ]] \
+    || die 2 "bad --name '$name': lowercase letters, digits and '-', at most 63, no '-' at either end"
+root=$(git -C "$here" rev-parse --show-toplevel 2>/dev/null) || die 2 "$here is not inside a git repository"
+[[ -n $commit || -z $(git -C "$root" status --porcelain --untracked-files=no) ]] \
+    || die 2 "uncommitted changes to tracked files: commit them, or pass --commit REV to run a commit as it is"
+commit=${commit:-HEAD}
+[[ $commit != -* ]] || die 2 "unknown commit '$commit'"
+sha=$(git -C "$root" rev-parse --verify --quiet "$commit^{commit}") || die 2 "unknown commit '$commit'"
+name=${name:-ar-${sha:0:10}}
+need_volume
+spec=${AUTORESEARCH_RESOURCE_SPEC:-}
+[[ -n $spec ]] || die 3 "AUTORESEARCH_RESOURCE_SPEC is not set: a single-GPU resource spec of your team (vesslctl resource-spec list)"
+auth=$(vesslctl auth status 2>&1 </dev/null) || true  # it exits 0 when logged out: its words decide
+if [[ -z ${auth//[[:space:]]/} ]] || grep -Eqi 'not (logged|authenticated)|logged out|expired|unauthori[sz]ed|login required' <<<"$auth"; then
+    die 3 "not logged in to VESSL (vesslctl auth status: ${auth%%$'\n'*}): run 'vesslctl auth login'"
 fi
 
-# ---- idempotency 2: a job of that name VESSL knows but we have no record of ---------------------------
-# (a submit that died between create and record, another state dir, another machine)
-listed=0
-for try in 1 2 3; do
-    if vs_list -; then listed=1; break; fi
-    ar_warn "note: $VS_ERR (try $try of 3)"
-    sleep "$try"
-done
-((listed)) || ar_die 3 "cannot list VESSL jobs: $VS_ERR"
-known=$(mktemp)
-trap 'rm -f "$known"' EXIT
-vs_slugs_in_list "$name" >"$known"
-while IFS=$'\t' read -r slug native tags; do
-    [[ -n $slug && -z ${ended[$slug]:-} && $slug =~ $AR_ID_RE ]] || continue
-    [[ ! -f $root/jobs/$slug/meta.json ]] || continue  # ours and ended (else step 1 returned it)
-    mapped=$(vs_map "$native")
-    [[ $mapped == queued || $mapped == running || $mapped == succeeded ]] || continue
-    if [[ -n $tags ]]; then
-        if [[ " $tags " != *" $commit_tag "* || " $tags " != *" $overrides_tag "* ]]; then
-            [[ -z $AR_ARG_NAME ]] || ar_die 2 "name '$name' is taken by VESSL job $slug ($mapped) for another commit or AR_PROFILE/AR_DATA; choose another --name"
-            continue
-        fi
-    else
-        ar_warn "note: VESSL job $slug has no tags to check its commit against; taking it as this experiment"
+exec 9<"$0"
+flock 9  # one submit at a time in this project: looking the name up and creating its job are one step
+named() {  # named -- "slug<TAB>state" of the jobs called $name, newest first
+    local out
+    out=$(vesslctl job list -o json 2>&1 </dev/null) || die 3 "vesslctl job list: ${out%%$'\n'*}"
+    [[ $(jq -r type <<<"$out" 2>/dev/null) == array ]] || die 3 "vesslctl job list -o json printed no JSON list"
+    jq -r --arg n "$name" 'map(select(.name == $n)) | sort_by(.createdAt) | reverse | .[]
+        | "\(.slug)\t\(.workloadState | ascii_downcase)"' <<<"$out"
+}
+jobs=$(named)
+known=$(cut -f1 <<<"$jobs")  # the slugs of that name before this submit
+while IFS=$'\t' read -r slug native; do
+    st=$(state "$native")
+    [[ $st == failed || $st == cancelled ]] && continue
+    echo "$me: $name is job $slug ($native); starting nothing" >&2
+    echo "$slug"
+    exit 0
+done < <([[ -z $jobs ]] || echo "$jobs")
+
+fresh() { named | cut -f1 | grep -vxF -f <(echo "$known"); }  # the slugs of that name this submit made
+tmp=$(mktemp -d)
+creating="" slug=""
+# shellcheck disable=SC2329  # the EXIT trap: a job created but never handed out is terminated
+cleanup() {
+    local rc=$? try found="" s
+    trap '' INT TERM
+    if ((rc)) && [[ -n $creating ]]; then
+        for ((try = 1; try <= 20; try++)); do  # it may not be listed yet: up to ~30 s
+            found=$(fresh) && break
+            sleep "$((try < 10 ? 0 : 2)).$((try < 10 ? 5 : 0))"
+        done
+        for s in $found; do
+            echo "$me: terminating $s: it was created, but this submit failed" >&2
+            terminate "$s" || echo "$me: $s may still run: 'vesslctl job terminate $s'" >&2
+        done
     fi
-    # Adopt it: a record like our own (its run folder is in its r-<run id> tag when it has one).
-    runid=$(tr ' ' '\n' <<<"$tags" | sed -n 's/^r-//p' | head -n 1)
-    mkdir -p "$root/jobs/$slug"
-    jq -n '{backend: "vessl", id: $id, slug: $id, name: $name, tag: $tag, commit: $commit, commit_short: $commit[:7],
-            env: $env, mode: "train", volume: $vol, run: (if $runid == "" then "" else $name + "/" + $runid end),
-            org: $org, team: $team, adopted: true, state: "queued", submitted_at: $now, started_at: null,
-            finished_at: null}' \
-        --arg id "$slug" --arg name "$name" --arg tag "$tag" --arg commit "$sha" --argjson env "$env_json" \
-        --arg vol "$VS_VOLUME" --arg runid "$runid" --arg org "${VESSLCTL_ORG:-}" --arg team "${VESSLCTL_TEAM:-}" \
-        --arg now "$(ar_now)" | ar_write "$root/jobs/$slug/meta.json"
-    echo queued | ar_write "$root/jobs/$slug/state"
-    vs_note "$root/jobs/$slug" "adopted from vesslctl job list (no record of it here)"
-    echo "$slug" | ar_write "$root/names/$name"
-    vs_poll "$root/jobs/$slug" || true
-    reuse "$slug" "$(ar_state "$root/jobs/$slug")"
-done < <(jq -r --arg n "$name" '[.[] | select(type == "object" and .name == $n and (.slug | type) == "string")]
-    | sort_by(.createdAt // .created_at // "") | reverse | .[]
-    | [.slug, (.workloadState // "" | ascii_downcase), ((.tags // []) | map(tostring) | join(" "))] | @tsv' <<<"$VS_LIST")
+    rm -rf "$tmp"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+# The code: one archive per commit on the volume; already there (another submit of that commit) is fine.
+key=ar-code/$sha.tar.gz
+have() { vesslctl volume download "$VOLUME" "$tmp/dl" --remote-prefix "$key" >/dev/null 2>&1 </dev/null; [[ -n $(find "$tmp/dl" -name "${key#*/}" 2>/dev/null) ]]; }
+if ! have; then
+    git -C "$root" archive --format=tar.gz -o "$tmp/$sha.tar.gz" "$sha"
+    out=$(vesslctl volume upload "$VOLUME" "$tmp/$sha.tar.gz" --remote-prefix ar-code/ 2>&1 </dev/null) || have \
+        || die 3 "vesslctl volume upload to $VOLUME: ${out%%$'\n'*} (is AUTORESEARCH_CACHE_VOLUME an object volume of this team?)"
+fi
 
-# ---- a new job -------------------------------------------------------------------------------------
-runid=$(date -u +%Y%m%d-%H%M%S)-$(od -An -N3 -tx1 /dev/urandom | tr -d ' \n')
-run=$name/$runid
-profile=""
-for pair in "${AR_RES_PAIRS[@]}"; do [[ $pair != AR_PROFILE=* ]] || profile=${pair#AR_PROFILE=}; done
-budget=$(ar_profile_budget "$profile")
-max_s=$(($(ar_timeout_s $((3 * budget + 600))) + 600))
-
-VS_JOB_ENV=("AR_VESSL_MODE=train" "AR_VESSL_COMMIT=$sha" "AR_VESSL_RUN=$run" "AR_VESSL_MAX_S=$max_s")
-[[ -z $VS_PYTHON ]] || VS_JOB_ENV+=("AR_VESSL_PYTHON=$VS_PYTHON")
-[[ -z ${AR_CLIMBMIX_URL:-} ]] || VS_JOB_ENV+=("AR_CLIMBMIX_URL=$AR_CLIMBMIX_URL")
-VS_JOB_ENV+=("${AR_RES_PAIRS[@]}")
-vs_ship_code "$root" "$repo" "$sha"
-vs_ship_entry "$root" "$here"
-VS_TAGS=(autoresearch "ar-$tag" "$commit_tag" "$overrides_tag" "r-$runid")
-
-vs_create_guarded "$root" "$name" "$known" submit  # a job we created but could not hand out is terminated
-slug=$VS_SLUG
-dir=$root/jobs/$slug
-mkdir -p "$dir"
-forward=$(jq -n '$ARGS.positional | map(index("=") as $i | {(.[:$i]): .[$i + 1:]}) | add // {}' --args "${VS_JOB_ENV[@]}")
-jq -n '{backend: "vessl", id: $id, slug: $id, name: $name, tag: $tag, commit: $commit, commit_short: $commit[:7],
-        env: $env, job_env: $forward, mode: "train", volume: $vol, spec: $spec, image: $image, run: $run,
-        cmd: $cmd, tags: $tags, code: $code, max_s: $max, org: $org, team: $team, repo: $repo,
-        state: "queued", submitted_at: $now, started_at: null, finished_at: null, native_state: null}' \
-    --arg id "$slug" --arg name "$name" --arg tag "$tag" --arg commit "$sha" --argjson env "$env_json" \
-    --argjson forward "$forward" --arg vol "$VS_VOLUME" --arg spec "$VS_SPEC" --arg image "$VS_IMAGE" \
-    --arg run "$run" --arg cmd "$VS_CMD" --argjson tags "$(jq -n '$ARGS.positional' --args "${VS_TAGS[@]}")" \
-    --arg code "$([[ -n $VS_GIT_REMOTE ]] && echo push || echo bundle)" --argjson max "$max_s" \
-    --arg org "${VESSLCTL_ORG:-}" --arg team "${VESSLCTL_TEAM:-}" --arg repo "$repo" --arg now "$(ar_now)" \
-    | ar_write "$dir/meta.json"
-echo queued | ar_write "$dir/state"
-echo "$slug" | ar_write "$root/names/$name"
-vs_handed_out
-ar_warn "$slug: submitted $name (${sha:0:7}${AR_RES_PAIRS[*]:+ with ${AR_RES_PAIRS[*]}}) on $VS_SPEC"
+script=$(<"$here/_job.sh")
+args=(job create -n "$name" -r "$spec" -i "${AUTORESEARCH_IMAGE:-pytorch/pytorch:2.4.1-cuda12.4-cudnn9-devel}"
+    --object-volume "$VOLUME:/root/.cache/autoresearch" --tag autoresearch --env "AR_COMMIT=$sha"
+    --cmd "bash -c '${script//\'/\'\\\'\'}'")
+for var in AR_TRAIN_CMD AR_PROFILE AR_DATA AR_CACHE_DIR AR_PREP; do
+    if [[ -n ${!var:-} ]]; then args+=(--env "$var=${!var}"); fi
+done
+creating=1
+out=$(vesslctl "${args[@]}" 2>&1 </dev/null) \
+    || die 3 "vesslctl job create: ${out%%$'\n'*} (check AUTORESEARCH_RESOURCE_SPEC, AUTORESEARCH_IMAGE, credits)"
+for ((try = 1; try <= 50; try++)); do  # create prints no slug: the new job of that name in the list
+    slug=$(fresh | head -n 1) || true
+    [[ -z $slug ]] || break
+    sleep "$((try < 10 ? 0 : 3)).$((try < 10 ? 5 : 0))"
+done
+[[ -n $slug ]] || die 3 "job $name was created but is not in 'vesslctl job list' after 2 minutes"
+[[ $slug =~ $ID_RE ]] || die 3 "VESSL named the job '$slug', which is not a usable id"
+echo "$me: $slug: $name, commit ${sha:0:10} on $spec" >&2
 echo "$slug"
+creating=""

@@ -1,88 +1,99 @@
 #!/usr/bin/env bash
-# wait-jobs.sh -- wait for VESSL jobs; print each one's summary (or log tail) when it ends.
+# wait-jobs.sh -- wait for VESSL jobs to end; print each one's result as it ends.
 #
-# Usage: batch-job/wait-jobs.sh ID...        (IDs: slugs printed by submit-async.sh)
+# Usage: batch-job/wait-jobs.sh SLUG...
 #
-# Polls `vesslctl job show SLUG -o json` (workloadState) every AR_VESSL_POLL_S seconds; never
-# follows logs. When a job ends, its full log is read from its run folder on the object volume (the
-# CLI log, capped at 1000 lines, is the fallback) and kept in its record under
-# ${AR_STATE_DIR:-<repo>/.ar}/vessl/jobs/<slug>/.
-# stdout, per job, when it ends: `=== ID (STATE) ===` (succeeded|failed|timeout|cancelled), then the
-# summary block of its log (the last `---` line and the `key: value` lines after it) when it
-# succeeded (its command exited 0), else the last 40 log lines.
-# stderr: timestamped state changes.
-# Jobs not ended at the deadline are terminated (`vesslctl job terminate`, -> timeout); SIGINT /
-# SIGTERM terminate every unfinished job (-> cancelled). No job it gave up on is left running.
-# Exit: 0 all succeeded, 1 some did not (or a terminate failed), 2 usage error or unknown id,
-#       3 vesslctl missing / not logged in, 130/143 interrupted (after terminating).
-#
-# Env: AR_TIMEOUT_S    seconds before the rest is terminated; default 3 x the longest profile budget
-#                      + 600 (full 1500, tiny 660, smoke 615; an unset profile counts as full)
-#      AR_VESSL_POLL_S seconds between polls (default 15)
-#      AR_STATE_DIR, VESSLCTL_ORG / VESSLCTL_TEAM (default: those recorded at submit).
-# Contract: docs/contract.md
+# stdout, per job as it ends: `=== SLUG (STATE) ===` (succeeded, failed, timeout, cancelled), then the
+# summary block of a succeeded job (the last line `---` and the `key: value` lines right after it, read
+# from `vesslctl job logs`), else the last 40 lines of its log and a `note:` line. stderr: one line per
+# state change (VESSL's own state words). AR_TIMEOUT_S: deadline in seconds, default 1500. At the
+# deadline the unfinished jobs are terminated (timeout: recorded as ar-ended/<slug> on the volume, so a
+# later wait says so too), and on SIGINT or SIGTERM (cancelled).
+# Exit: 0 all succeeded, 1 some did not, 2 usage or unknown id (nothing waited for), 3 vesslctl or jq
+# missing or VESSL cannot be asked, 130/143 interrupted.
 set -euo pipefail
-
-here=$(cd "$(dirname "$0")" && pwd)
-repo=$(dirname "$here")
-# shellcheck source=batch-job/_lib.sh
-source "$here/_lib.sh"
+sig=""
+trap 'sig=INT' INT; trap 'sig=TERM' TERM  # first thing: a signal during the setup still terminates
+me=wait-jobs.sh here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=batch-job/_vessl.sh
-source "$here/_vessl.sh"
-AR_PROG=wait-jobs.sh
-
-ar_trap_signals  # first: a signal during the setup below still cancels
-
-ar_parse_ids "$@"
-ar_need jq flock
-root=$(ar_state_root "$repo" vessl)
-ar_collect_jobs "$root" "not submitted from this state dir: ${root%/vessl}" "$@"
-
-# Default deadline: the longest profile among the jobs that have not ended (prep jobs: 2 hours).
-budget=0 open=0 prep=0
-for dir in "${AR_DIRS[@]}"; do
-    ar_is_terminal "$(ar_state "$dir")" && continue
-    open=$((open + 1))
-    IFS=$'\t' read -r profile mode < <(ar_meta "$dir" '[.env.AR_PROFILE // "", .mode // "train"] | @tsv')
-    [[ $mode != prepare ]] || prep=1
-    b=$(ar_profile_budget "$profile")
-    ((b > budget)) && budget=$b
+. "$here/_vessl.sh"
+case ${1:-} in
+    -h | --help) help ;;
+    "" | -*) die 2 "usage: $me SLUG... (see --help)" ;;
+esac
+timeout=${AR_TIMEOUT_S:-1500}
+[[ $timeout =~ ^[0-9]{1,9}$ ]] || die 2 "bad AR_TIMEOUT_S '$timeout': a number of seconds"
+declare -A seen=()
+ids=()
+for id; do
+    seen[$id]=$(native "$id") || exit  # every id is checked before anything is waited for
+    echo "$me: $id: ${seen[$id]}" >&2
+    [[ " ${ids[*]} " == *" $id "* ]] || ids+=("$id")
 done
-default=$((3 * budget + 600))
-((prep == 0 || default >= 7200)) || default=7200
-timeout=$(ar_timeout_s "$default")
-poll=${AR_VESSL_POLL_S:-15}
-[[ $poll =~ ^[0-9]+([.][0-9]+)?$ ]] || ar_die 2 "bad AR_VESSL_POLL_S '$poll': a number of seconds"
-if ((open > 0)); then
-    vs_need_cli
-    vs_auth_check
-fi
-ar_log "waiting for ${#AR_IDS[@]} job(s), up to ${timeout}s"
-
-declare -A errors=()
-# shellcheck disable=SC2329  # refresh and cancel are called by ar_wait_loop
-refresh() {  # poll VESSL for each job; report a failing poll now and then, and keep trying
-    local dir id
-    for dir in "$@"; do
-        id=$(basename "$dir")
-        if vs_poll "$dir"; then
-            errors[$id]=0
-        else
-            errors[$id]=$((${errors[$id]:-0} + 1))
-            (((errors[$id] - 1) % 20 == 0)) && ar_log "$id: $VS_ERR (will retry)"
-        fi
-    done
-    return 0
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+ended() {  # ended SLUG -- the ar-ended/<slug> record on the volume ("timeout AR_TIMEOUT_S=N"), if any
+    [[ -n $VOLUME ]] || return 0
+    vesslctl volume download "$VOLUME" "$tmp/$1" --remote-prefix "ar-ended/$1" >/dev/null 2>&1 </dev/null || true
+    find "$tmp/$1" -type f -name "$1" -exec cat {} + 2>/dev/null || true
 }
-# shellcheck disable=SC2329
-cancel() {  # terminate each job; one whose terminate failed stays open for cancel-jobs.sh
-    local to=$1 reason=$2 dir rc
-    shift 2
-    for dir in "$@"; do
-        rc=0
-        vs_cancel "$dir" "$to" "$reason" || rc=$?
-        ((rc != 2)) || AR_WAIT_STUCK[$(basename "$dir")]="[ar-vessl] vesslctl job terminate failed; the job may still be running: run batch-job/cancel-jobs.sh $(basename "$dir")"
-    done
+block() {  # block SLUG STATE [NOTE] -- the job's block on stdout
+    local log summary=""
+    log=$(vesslctl job logs --limit 1000 "$1" 2>&1 </dev/null) || log="(vesslctl job logs failed: ${log%%$'\n'*})"
+    echo "=== $1 ($2) ==="
+    [[ $2 != succeeded ]] || summary=$(awk '$0 == "---" { c = $0; on = 1; next }
+        on && /^[A-Za-z_][A-Za-z0-9_]*:[ \t]+[^ \t]/ { c = c "\n" $0; b = c; next } { on = 0 } END { print b }' <<<"$log")
+    if [[ -n $summary ]]; then echo "$summary"; return 0; fi
+    tail -n 40 <<<"$log" | awk '{ sub(/\r+$/, ""); sub(/.*\r/, "") } 1'  # a \r progress line: its last frame
+    echo "note: ${3:-VESSL state ${seen[$1]}}"
 }
-ar_wait_loop "$timeout" "$poll" refresh cancel
-ar_wait_exit
+report() {  # report SLUG [TIMED_OUT] -- the block of an ended job; returns 1 when it did not succeed
+    local st note="" rec
+    st=$(state "${seen[$1]}")
+    if [[ $st == cancelled ]]; then
+        note="cancelled (vesslctl job terminate)"
+        rec=${2:+timeout AR_TIMEOUT_S=$timeout}
+        rec=${rec:-$(ended "$1")}
+        if [[ $rec == timeout* ]]; then st=timeout note="cancelled at the deadline (${rec#timeout })"; fi
+    fi
+    [[ $st != succeeded ]] || note="exit code 0 but no summary block in the log"
+    block "$1" "$st" "$note"
+    [[ $st == succeeded ]]
+}
+echo "$me: waiting for ${#ids[@]} job(s), up to ${timeout}s" >&2
+pending=("${ids[@]}") failed=0 start=$SECONDS deadline=$((SECONDS + timeout))
+while :; do
+    left=()
+    for id in "${pending[@]}"; do
+        native=$(native "$id" 2>"$tmp/err") || { echo "$me: $id: $(cat "$tmp/err"), asking again" >&2; left+=("$id"); continue; }
+        [[ $native == "${seen[$id]}" ]] || echo "$me: $id: ${seen[$id]} -> $native" >&2
+        seen[$id]=$native
+        case $(state "$native") in queued | running) left+=("$id") ;; *) report "$id" || failed=1 ;; esac
+    done
+    pending=("${left[@]}")
+    if ((!${#pending[@]})); then break
+    elif [[ -n $sig ]] || ((SECONDS >= deadline)); then
+        trap '' INT TERM  # nothing interrupts the terminate (a second Ctrl-C included)
+        for id in "${pending[@]}"; do  # the deadline: recorded first, so whoever sees the job ended knows why
+            [[ -n $sig || -z $VOLUME ]] || { mkdir -p "$tmp/up" && echo "timeout AR_TIMEOUT_S=$timeout" >"$tmp/up/$id"
+                vesslctl volume upload "$VOLUME" "$tmp/up/$id" --remote-prefix ar-ended/ >/dev/null 2>&1 </dev/null || true; }
+        done
+        "$here/cancel-jobs.sh" "${pending[@]}" || failed=3
+        late="" as=cancelled
+        [[ -n $sig ]] || late=1 as=timeout
+        for id in "${pending[@]}"; do  # as they ended: one that succeeded a moment before stays succeeded
+            if s=$(native "$id"); then seen[$id]=$s; fi
+            case $(state "${seen[$id]}") in
+                queued | running) block "$id" "$as" "NOT terminated: batch-job/cancel-jobs.sh $id" ;;
+                *) report "$id" "$late" || ((failed)) || failed=1 ;;
+            esac
+        done
+        break
+    else
+        nap=$((200 + (SECONDS - start) * 100))  # ms: 0.2 s at first, 1.2 s after 10 s, at most 15 s
+        sleep "$((nap > 15000 ? 15 : nap / 1000)).$(printf %03d $((nap > 15000 ? 0 : nap % 1000)))" &
+        wait "$!" || true  # returns at once on a signal
+    fi
+done
+case $sig in INT) exit 130 ;; TERM) exit 143 ;; esac
+exit "$failed"
