@@ -12,8 +12,8 @@
 # of the commit. Settings: AR_SKY_BUCKET (required), AR_SKY_GPU (e.g. H200); AR_TRAIN_CMD, AR_PROFILE,
 # AR_DATA, AR_CACHE_DIR reach the job when set (sky/README.md). It returns once the job exists; on
 # SIGINT or SIGTERM before that it cancels the launch request (`sky api cancel`) and any job it made.
-# Exit: 0 submitted (or the existing job), 2 usage or precondition, 3 sky, jq or flock missing, or
-#       SkyPilot unavailable (run 'sky check' and 'sky api status'), 130/143 interrupted (nothing left).
+# Exit: 0 submitted (or the existing job), 2 usage or precondition, 3 AR_SKY_BUCKET unset, sky, jq or
+#       flock missing, or SkyPilot unavailable (run 'sky check' and 'sky api status'), 130/143 interrupted (nothing left).
 set -euo pipefail
 sig=""
 trap 'sig=INT' INT; trap 'sig=TERM' TERM  # acted on between the sky calls, which are never cut short
@@ -30,7 +30,7 @@ done
 [[ -z $name || $name =~ ^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$ ]] \
     || die 2 "bad --name '$name': lowercase letters, digits and '-', at most 63, no '-' at either end"
 bucket=${AR_SKY_BUCKET:-} gpu=${AR_SKY_GPU:-}
-[[ -n $bucket ]] || die 2 "AR_SKY_BUCKET is not set: export AR_SKY_BUCKET=autoresearch-\$USER-<something unique> (sky/README.md)"
+[[ -n $bucket ]] || die 3 "AR_SKY_BUCKET is not set: export AR_SKY_BUCKET=autoresearch-\$USER-<something unique> (sky/README.md)"
 [[ $bucket =~ ^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$ ]] || die 2 "bad AR_SKY_BUCKET '$bucket': 3-63 lowercase letters, digits, '.' and '-'"
 [[ -z $gpu || $gpu =~ ^[A-Za-z0-9][A-Za-z0-9_.-]{0,40}(:[0-9]{1,2})?$ ]] || die 2 "bad AR_SKY_GPU '$gpu': e.g. H200 or A100-80GB:1"
 for t in git jq flock; do command -v "$t" >/dev/null || die 3 "$t not found: install it"; done

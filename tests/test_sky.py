@@ -152,10 +152,11 @@ def test_interrupted_submit_cancels_its_launch_request(sky):
 
 def test_settings_and_unavailable_backend(sky):
     sky.commit("ok")
-    for env, word in (({"AR_SKY_BUCKET": None}, "AR_SKY_BUCKET"), ({"AR_SKY_BUCKET": "Bad_Bucket"}, "AR_SKY_BUCKET"),
-                      ({"AR_SKY_GPU": "H200;x"}, "AR_SKY_GPU")):
+    for env, word, rc in (({"AR_SKY_BUCKET": None}, "AR_SKY_BUCKET", 3),  # unset: the backend is not set up
+                          ({"AR_SKY_BUCKET": "Bad_Bucket"}, "AR_SKY_BUCKET", 2),
+                          ({"AR_SKY_GPU": "H200;x"}, "AR_SKY_GPU", 2)):
         proc = sky.run("submit-async.sh", env=env)
-        assert proc.returncode == 2 and word in one_error_line(proc)
+        assert proc.returncode == rc and word in one_error_line(proc)
     no_sky = {"PATH": f"{os.path.dirname(shutil.which('git'))}:{os.path.dirname(shutil.which('jq'))}:/usr/bin:/bin"}
     for script in ("submit-async.sh", "wait-jobs.sh", "cancel-jobs.sh", "logs.sh"):
         proc = sky.run(script, *([] if script == "submit-async.sh" else ["1"]), env=no_sky)
