@@ -61,7 +61,7 @@ report() {  # report SLUG [TIMED_OUT] -- the block of an ended job; returns 1 wh
     [[ $st == succeeded ]]
 }
 echo "$me: waiting for ${#ids[@]} job(s), up to ${timeout}s" >&2
-pending=("${ids[@]}") failed=0 start=$SECONDS deadline=$((SECONDS + timeout))
+pending=("${ids[@]}") failed=0 start=$SECONDS deadline=$((SECONDS + timeout + 1))  # SECONDS ticks on whole seconds: never early
 while :; do
     left=()
     for id in "${pending[@]}"; do

@@ -53,7 +53,7 @@ timeout=${AR_TIMEOUT_S:-$((1500 * ((open + slots - 1) / slots)))}
 [[ $timeout =~ ^[0-9]{1,9}$ ]] || die 2 "bad AR_TIMEOUT_S '$timeout': a number of seconds"
 echo "$me: waiting for ${#ids[@]} job(s), up to ${timeout}s" >&2
 declare -A seen=()
-pending=("${ids[@]}") failed=0 deadline=$((SECONDS + timeout))
+pending=("${ids[@]}") failed=0 deadline=$((SECONDS + timeout + 1))  # SECONDS ticks on whole seconds: never early
 while :; do
     left=()
     for id in "${pending[@]}"; do
