@@ -356,3 +356,33 @@ def test_a_checked_out_best_is_not_moved_under_your_feet(proj):
     sha = git(proj, "rev-parse", "refs/autoresearch/t/r1-c1")
     assert f"git merge --ff-only {sha[:10]}" in r.stdout and "NOT moved" in r.stdout
     assert git(proj, "rev-parse", "HEAD") == git(proj, "rev-parse", "master") and git(proj, "status", "--short") == ""
+
+
+@pytest.mark.parametrize("name", ["sky", "vessl"])
+def test_a_round_on_a_cloud_backend_double(tmp_path, name):
+    """tools/ and a cloud recipe copied into a karpathy-layout project, driven by round.py against the
+    backend's double (the same setup as the contract suite): every job that printed the block is scored,
+    the crash reason of the failed one reaches results.tsv, and nothing is left running."""
+    sys.path.insert(0, str(REPO / "tests" / "contract"))
+    from contract_util import load_backends
+
+    backend = load_backends()[name]
+    p = Project(tmp_path / "autoresearch")
+    p.mkdir()
+    for d in ("tools", backend.FOLDER):
+        shutil.copytree(REPO / d, p / d, ignore=shutil.ignore_patterns("__pycache__", "README.md"))
+    (p / "train.py").write_text(TRAIN.replace("SLEEP = 0.3", "SLEEP = 0"))
+    (p / ".gitignore").write_text(".ar/\nresults.tsv\n")
+    extra, leftovers = backend.setup(tmp_path, p)
+    p.env = clean_env(**GIT_ID, **extra)
+    for cmd in (["git", "init", "-q", "-b", "master"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
+        subprocess.run(cmd, cwd=p, env=p.env, check=True)
+    r = rnd(p, "round", "--k=2", f"--backend={name}", "--tag=t", "--sweep=MATRIX_LR=0.05 CRASH=False,True",
+            check=0)
+    assert "winner: c1" in r.stdout, r.stdout + r.stderr
+    got = rows(p)
+    assert [(x["candidate"], x["status"]) for x in got] == [("c0", "keep"), ("c0b", "keep"), ("c1", "keep"),
+                                                             ("c2", "crash")]
+    assert {x["backend"] for x in got} == {name} and all(x["job_id"] for x in got)
+    assert "torch.OutOfMemoryError: CUDA out of memory" in got[3]["description"]
+    assert wait_for(lambda: leftovers() == [], 20), leftovers()
