@@ -81,7 +81,7 @@ round-wait: $(STAMP) ## wait at most TIMEOUT=100 s for the tag's round or baseli
 	@$(PY) tools/round.py wait --tag="$$AR_ROUND_TAG" --timeout="$$AR_ROUND_TIMEOUT"
 
 .PHONY: baseline
-baseline: $(STAMP) ## run the best unchanged REPEATS=3 times: more runs for the noise sigma [BACKEND=.. TAG=.. DETACH=1]
+baseline: $(STAMP) ## run the best unchanged REPEATS=4 times: more runs for the noise sigma [BACKEND=.. TAG=.. DETACH=1]
 	@$(LOCAL_DATA)
 	@$(PY) tools/round.py baseline --repeats="$$AR_ROUND_REPEATS" --backend="$$AR_ROUND_BACKEND" --tag="$$AR_ROUND_TAG" --detach="$$AR_ROUND_DETACH"
 

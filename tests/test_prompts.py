@@ -477,7 +477,7 @@ def test_the_prompts_cover_their_topics():
                  "logs.sh", "Simplicity"):
         assert word in text["program.md"], word
     for word in ("SWEEP", "autoresearch/<tag>-r<N>-c", "refs/autoresearch/<tag>/r<N>-c<i>", "delta", "steps",
-                 "c0b", "NOISE NOT MEASURED", "make baseline REPEATS=3", "abandon",
+                 "c0b", "NOISE NOT MEASURED", "make baseline REPEATS=4", "abandon",
                  "AR_GPU=H200 make promote TOP=2 BACKEND=sky", "AR_BUDGET_USD", "make status", "make results",
                  "make plot", "DETACH=1", "make round-wait TIMEOUT=", "round is N again"):
         assert word in text["fanout.md"], word

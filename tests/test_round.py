@@ -137,6 +137,10 @@ def test_rules_of_the_game_refuse_before_anything_runs(proj):
     git(proj, "branch", "-D", "autoresearch/t-r2-c1")
     git(proj, "branch", "autoresearch/t-r2-c1", "autoresearch/t")
     assert "changes nothing" in rnd(proj, "round", "--k=1", "--tag=t", check=2).stderr
+    git(proj, "branch", "-D", "autoresearch/t-r2-c1")
+    branch(proj, "autoresearch/t-r2-c1", ("train.py", "# Muon learning rate", "# Muon, re-rolled"), "a free re-roll")
+    assert "changes nothing but comments" in rnd(proj, "round", "--k=1", "--tag=t", check=2).stderr
+    assert "No newline" not in git(proj, "diff", "master", "autoresearch/t")  # a SWEEP keeps the last newline
     assert "missing candidate branch(es) autoresearch/t-r2-c2" in rnd(proj, "round", "--k=2", "--tag=t", check=2).stderr
     assert len(jobs(proj)) == n_jobs and not (proj / ".ar/rounds/t/r2.json").exists()
     # a commit that already ran is not a new candidate
@@ -153,8 +157,9 @@ def test_rules_of_the_game_refuse_before_anything_runs(proj):
 def test_a_candidate_that_trains_longer_is_not_kept(proj):
     rnd(proj, "round", "--k=1", "--sweep=DEPTH=8.0", "--tag=t", "--backend=local", check=0)
     branch(proj, "autoresearch/t-r2-c1", ("train.py", "EXTRA_SECONDS = 0", "EXTRA_SECONDS = 100\nMATRIX_LR = 0.05"))
-    r = rnd(proj, "round", "--k=1", "--tag=t", check=0)
-    assert "over the budget" in r.stdout and "no winner" in r.stdout, r.stdout
+    branch(proj, "autoresearch/t-r2-c2", ("train.py", "EXTRA_SECONDS = 0", "EXTRA_SECONDS = 40\nMATRIX_LR = 0.09"))
+    r = rnd(proj, "round", "--k=2", "--tag=t", check=0)
+    assert r.stdout.count("over the budget") == 2 and "no winner" in r.stdout, r.stdout  # flagged, won or not
 
 
 def test_crash_reason_reaches_results_tsv(proj):

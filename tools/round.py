@@ -3,7 +3,7 @@
 tools/round.py -- the round driver: K candidate commits in parallel on a backend, keep the best.
 
     make round K=4 [BACKEND=local] [TAG=..] [SWEEP="MATRIX_LR=0.02,0.05"] [DETACH=1]   # round --k=4 ...
-    make baseline REPEATS=3 [BACKEND=..] [TAG=..] [DETACH=1]   # run the best unchanged: measure the noise
+    make baseline REPEATS=4 [BACKEND=..] [TAG=..] [DETACH=1]   # run the best unchanged: measure the noise
     make status [TAG=..]        make round-wait [TAG=..] [TIMEOUT=100]
     python tools/round.py abandon [--tag T]        python tools/round.py promote --top 2 --backend sky
 
@@ -45,6 +45,7 @@ import argparse
 import ast
 import contextlib
 import fcntl
+import hashlib
 import importlib.util
 import itertools
 import json
@@ -121,10 +122,26 @@ def train_file(commit):
     raise RoundError(f"commit {commit[:10]} has neither trainer/train.py nor train.py")
 
 
-def trees(revs):
-    """The tree of each revision (None where git does not have it), in one git call."""
-    out = git("cat-file", "--batch-check=%(objectname)", input="".join(f"{r}^{{tree}}\n" for r in revs))
-    return [None if " " in t else t for t in out.splitlines()] if revs else []
+def code_of(revs, path):
+    """A fingerprint of the code of `path` at each revision, in one git call: the hash of its syntax tree,
+    so comments and layout do not count (of its text where it does not parse); None where git lacks it."""
+    out = subprocess.run(["git", "cat-file", "--batch"], cwd=REPO, capture_output=True,
+                         input="".join(f"{r}:{path}\n" for r in revs).encode()).stdout
+    prints, i = [], 0
+    for _ in revs:
+        end = out.index(b"\n", i)
+        head = out[i:end].split()
+        if len(head) != 3:  # `<rev>:<path> missing`
+            prints.append(None)
+            i = end + 1
+            continue
+        body, i = out[end + 1:end + 1 + int(head[2])], end + 2 + int(head[2])
+        try:
+            key = ast.dump(ast.parse(body)).encode()
+        except (SyntaxError, ValueError):
+            key = body
+        prints.append(hashlib.sha256(key).hexdigest())
+    return prints
 
 
 def identity():
@@ -196,8 +213,11 @@ def set_constant(source, name, value, path):
         raise UsageError(f"SWEEP knob {name} {why} as a one-line module constant in {path}")
     node = hits[0]
     old = ast.get_source_segment(source, node.value)
-    with contextlib.suppress(ValueError, SyntaxError):  # an expression (`2 if SMALL else 8`) takes any literal
+    try:
         a, b = ast.literal_eval(old), ast.literal_eval(value)
+    except (ValueError, SyntaxError):  # an expression (`2 if SMALL else 8`): the value replaces all of it
+        log(f"note: {path} has {name} = {old}; SWEEP {name}={value} replaces it on every profile")
+    else:
         if type(a) is not type(b) and not {type(a), type(b)} <= {int, float}:
             raise UsageError(f"SWEEP {name}={value}: {path} has {name} = {old} ({type(a).__name__})")
     lines = source.splitlines(keepends=True)
@@ -267,8 +287,8 @@ def threshold(st):
         return delta, f"threshold {delta:g} (AR_MIN_DELTA)"
     sigma, n, c = noise(st)
     if sigma is None:
-        return 0.0, "threshold 0: NOISE NOT MEASURED (no commit has two runs yet; make baseline REPEATS=3)"
-    rough = " -- rough, make baseline REPEATS=3 to firm it up" if n - c < 3 else ""
+        return 0.0, "threshold 0: NOISE NOT MEASURED (no commit has two runs yet; make baseline REPEATS=4)"
+    rough = " -- rough, make baseline REPEATS=4 to firm it up" if n - c < 3 else ""
     return 2 * sigma, f"threshold {2 * sigma:.6f} = 2 sigma, sigma {sigma:.6f} from {n} runs of {c} commit(s){rough}"
 
 
@@ -545,7 +565,7 @@ def candidates(tag, n, k, sweep, best, st):
     if sweep and have:
         raise UsageError(f"SWEEP given but {have[0]} exists; delete the prepared branches or drop SWEEP")
     if sweep:
-        source, made = git("show", f"{best}:{path}"), []
+        source, made = git("show", f"{best}:{path}", check=False).stdout, []  # raw: its last newline too
         for combo in sweep_values(sweep, k):
             text = source
             for name, value in combo.items():
@@ -561,19 +581,22 @@ def candidates(tag, n, k, sweep, best, st):
         if rev(f"refs/heads/autoresearch/{tag}-r{n}-c{k + 1}"):
             log(f"warning: autoresearch/{tag}-r{n}-c{k + 1} exists but K={k}; it is not part of this round")
     ran = [r["commit"] for r in rows_of(st, tag) if r.score is not None]
-    ran = dict(zip(trees(ran), ran, strict=True))  # the same code is the same tree, whatever the commit
+    ran = dict(zip(code_of(ran, path), ran, strict=True))  # the same code, whatever the commit or comments
+    best_code = code_of([best], path)[0]
     for what, sha, _ in made:
         if git("merge-base", "--is-ancestor", best, sha, check=False).returncode:
             raise UsageError(f"{what} does not contain the best autoresearch/{tag} ({best[:10]}); rebase it on it")
         files = git("diff", "--name-only", best, sha).split()
-        if not files:
-            raise UsageError(f"{what} changes nothing (commit your edit of {path}; a SWEEP value must differ)")
         if [f for f in files if f != path]:
             raise UsageError(f"{what} changes {', '.join(f for f in files if f != path)}: a candidate may change "
                              f"only {path} (the rest is the fixed harness)")
-        if trees([sha])[0] in ran:
-            raise UsageError(f"{what} is the code of commit {ran[trees([sha])[0]]}, which already ran on tag {tag}; "
-                             "results.tsv has its score")
+        code = code_of([sha], path)[0]
+        if code == best_code:
+            raise UsageError(f"{what} changes nothing but comments or layout of {path} (commit your edit; a SWEEP "
+                             "value must differ from the best's)")
+        if code in ran:
+            raise UsageError(f"{what} is the code of commit {ran[code]}, which already ran on tag {tag}; results.tsv "
+                             "has its score")
     return [(f"c{i}", sha, desc) for i, (_, sha, desc) in enumerate(made, 1)]
 
 
@@ -662,14 +685,16 @@ def decide(led):
     score, runs, secs = best_score(st, tag, led["best"])
     thr, why = threshold(st)
     led.update(best_score=score, best_runs=runs, threshold=thr, threshold_why=why, winner=None, notes=[])
-    ok = sorted((c for c in cands if c["status"] == "discard"), key=lambda c: SIGN * c["result"]["value"])
-    for c in ok:
+    ok = []
+    for c in cands if led["kind"] == "round" else []:  # a candidate that trained longer is never kept
         t = R.number(c["result"]["summary"].get("training_seconds"))
-        if secs and t and t > 1.1 * secs + 2:
+        if c["status"] == "discard" and secs and t and t > 1.1 * secs + 2:
             if "over the budget" not in c["description"]:
                 c["description"] += f" -- not kept: trained {t:.0f} s, the best {secs:.0f} s (over the budget)"
-            continue
-        if led["kind"] == "round" and (score is None or SIGN * (c["result"]["value"] - score) < -thr):
+        elif c["status"] == "discard":
+            ok.append(c)
+    for c in sorted(ok, key=lambda c: SIGN * c["result"]["value"]):
+        if score is None or SIGN * (c["result"]["value"] - score) < -thr:
             c["status"], led["winner"] = "keep", c["label"]
             if score is None:
                 led["notes"].append("the best has no score under this setting (its controls crashed): "
@@ -678,7 +703,7 @@ def decide(led):
             mine = R.number(c["result"]["summary"].get("num_steps"))
             if steps and mine and abs(mine - steps[0]) > 0.25 * steps[0]:
                 led["notes"].append(f"the winner ran {mine:.0f} steps, the old best {steps[0]:.0f}: the noise "
-                                    "may have changed; re-measure it with make baseline REPEATS=3")
+                                    "may have changed; re-measure it with make baseline REPEATS=4")
         break
     R.append_rows(RESULTS, [row(led, c, c["status"]) for c in cands if c not in ctrl], METRIC)
 
@@ -714,9 +739,11 @@ def report(led):
         res = c["result"] or {}
         v = res.get("value")
         delta = "-" if v is None or score is None or c["commit"] == led["best"] else f"{v - score:+.6f}"
-        desc = c["description"] + (f" -- crash: {res.get('reason')}" if c.get("status") == "crash" else "")
+        desc = c["description"]
+        if c.get("status") == "crash":  # the reason in full: it is what the agent needs
+            desc = f"{desc[:60]} -- crash: {res.get('reason')}"
         body.append([c["label"], c["job_id"] or "-", res.get("state", "-"), "-" if v is None else f"{v:.6f}", delta,
-                     res.get("summary", {}).get("num_steps", "-"), c.get("status", "-"), desc[:90]])
+                     res.get("summary", {}).get("num_steps", "-"), c.get("status", "-"), desc[:160]])
     print(R.table(["cand", "job_id", "state", METRIC, "delta", "steps", "status", "description"], body))
     for note in led.get("notes", []):
         print(f"note: {note}")
@@ -813,7 +840,7 @@ def cmd_round(args):
 
 
 def cmd_baseline(args):
-    reps = int_arg("REPEATS", args.repeats or "3", 1, 64)
+    reps = int_arg("REPEATS", args.repeats or "4", 1, 64)
     make = lambda tag, n, best, st: [(f"base{i}", best, "control: the best, unchanged") for i in range(1, reps + 1)]
     rc = start(args, "baseline", make, dict(repeats=reps), given=bool(args.repeats))
     st = setting(args.backend or "local")
