@@ -45,6 +45,7 @@ import argparse
 import ast
 import contextlib
 import fcntl
+import functools
 import hashlib
 import importlib.util
 import itertools
@@ -144,6 +145,7 @@ def code_of(revs, path):
     return prints
 
 
+@functools.cache
 def identity():
     """commit-tree needs a name and an email; a machine without them still gets commits."""
     env = {}
@@ -292,6 +294,7 @@ def threshold(st):
     return 2 * sigma, f"threshold {2 * sigma:.6f} = 2 sigma, sigma {sigma:.6f} from {n} runs of {c} commit(s){rough}"
 
 
+@functools.cache
 def prices():
     import yaml
 
@@ -582,15 +585,14 @@ def candidates(tag, n, k, sweep, best, st):
             log(f"warning: autoresearch/{tag}-r{n}-c{k + 1} exists but K={k}; it is not part of this round")
     ran = [r["commit"] for r in rows_of(st, tag) if r.score is not None]
     ran = dict(zip(code_of(ran, path), ran, strict=True))  # the same code, whatever the commit or comments
-    best_code = code_of([best], path)[0]
-    for what, sha, _ in made:
+    best_code, *codes = code_of([best] + [sha for _, sha, _ in made], path)
+    for (what, sha, _), code in zip(made, codes, strict=True):
         if git("merge-base", "--is-ancestor", best, sha, check=False).returncode:
             raise UsageError(f"{what} does not contain the best autoresearch/{tag} ({best[:10]}); rebase it on it")
         files = git("diff", "--name-only", best, sha).split()
         if [f for f in files if f != path]:
             raise UsageError(f"{what} changes {', '.join(f for f in files if f != path)}: a candidate may change "
                              f"only {path} (the rest is the fixed harness)")
-        code = code_of([sha], path)[0]
         if code == best_code:
             raise UsageError(f"{what} changes nothing but comments or layout of {path} (commit your edit; a SWEEP "
                              "value must differ from the best's)")
