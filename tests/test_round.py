@@ -120,7 +120,9 @@ def test_copied_project_sweep_round_keeps_the_winner_as_plain_code(proj):
     # round 2 runs one control: the new best has one run
     hostile = """depth 12 $(touch pwned); `touch pwned` "quoted" 'too'"""
     branch(proj, "autoresearch/t-r2-c1", ("train.py", "DEPTH = 8 ", "DEPTH = 12"), hostile)
-    rnd(proj, "round", "--k=1", "--tag=t", check=0)
+    r = rnd(proj, "round", "--k=1", "--tag=t", check=0)
+    header = r.stdout.splitlines()[0]  # names the best's idea
+    assert header.startswith("round 2 of tag t on local/") and "(sweep: MATRIX_LR=0.05) val_bpb" in header
     assert [x["candidate"] for x in rows(proj)[4:]] == ["c0", "c1"]
     assert rows(proj)[5]["description"] == hostile and not (proj / "pwned").exists()
 
