@@ -92,6 +92,16 @@ def test_rows_keep_the_reference_columns_first_and_never_a_tab(tmp_path):
         R.read_rows(f, "score")
 
 
+def test_a_reference_results_tsv_keeps_its_rows_and_gains_the_columns(tmp_path):
+    """karpathy's program.md has the agent write a 5-column results.tsv; the driver's rows must not lose theirs."""
+    f = tmp_path / "results.tsv"
+    f.write_text("commit\tval_bpb\tmemory_gb\tstatus\tdescription\na1b2c3d\t0.997900\t44.0\tkeep\tbaseline\n")
+    R.append_rows(f, [row()])
+    got = R.read_rows(f)
+    assert [(r["commit"], r["tag"], r["job_id"]) for r in got] == [("a1b2c3d", "", ""), ("abc1234", "t", "j1")]
+    assert f.read_text().splitlines()[0].split("\t") == list(R.read_rows(f)[1])
+
+
 def test_concurrent_appends_lose_nothing(tmp_path):
     f = tmp_path / "results.tsv"
     threads = [threading.Thread(target=R.append_rows, args=(f, [row(job_id=f"j{i}")])) for i in range(20)]

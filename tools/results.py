@@ -104,6 +104,7 @@ def _load(path, metric):
     if header[:2] != ["commit", metric]:
         sys.exit(f"results: error: {path} scores {header[1] if len(header) > 1 else '?'}, not {metric} "
                  "(AR_METRIC); move it aside or set AR_METRIC to match")
+    header += [c for c in EXTRA if c not in header]  # a karpathy 5-column file gains the driver's columns
     rows = [Row(dict.fromkeys(header, ""), **dict(zip(header, x.split("\t"), strict=False))) for x in lines[1:] if x]
     for r in rows:
         r.score = None if r["status"] == "crash" else number(r[metric])
