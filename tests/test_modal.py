@@ -164,3 +164,5 @@ def test_a_round_on_backend_modal_end_to_end(tmp_path):
     rows = [dict(zip(lines[0].split("\t"), x.split("\t"), strict=True)) for x in lines[1:]]
     assert {x["backend"] for x in rows} == {"modal"} and all(x["job_id"].startswith("fc-") for x in rows)
     assert [x["status"] for x in rows] == ["keep", "keep", "keep", "discard"]
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=p, capture_output=True, text=True).stdout
+    assert status == "", status  # the driver's .ar/ keeps itself out of git status

@@ -23,6 +23,7 @@ DEPTH = 8                 # transformer blocks
 SLEEP = 0.3               # seconds of "training"
 CRASH = False
 EXTRA_SECONDS = 0         # a cheat: train longer than the budget
+STEPS = 953               # as many as a quiet machine does in the budget
 for i in range(200):
     print(f"step {i:05d} | loss {3.0 - i / 100:.4f}")
 time.sleep(SLEEP)
@@ -39,7 +40,7 @@ print("total_seconds:    325.9")
 print("peak_vram_mb:     45060.2")
 print("mfu_percent:      39.80")
 print("total_tokens_M:   499.6")
-print("num_steps:        953")
+print(f"num_steps:        {STEPS}")
 print("num_params_M:     50.3")
 print(f"depth:            {DEPTH}")
 """
@@ -125,6 +126,16 @@ def test_copied_project_sweep_round_keeps_the_winner_as_plain_code(proj):
     assert header.startswith("round 2 of tag t on local/") and "(sweep: MATRIX_LR=0.05) val_bpb" in header
     assert [x["candidate"] for x in rows(proj)[4:]] == ["c0", "c1"]
     assert rows(proj)[5]["description"] == hostile and not (proj / "pwned").exists()
+
+
+def test_a_round_without_controls_says_when_every_candidate_ran_far_fewer_steps(proj):
+    """A busier machine (here: STEPS) slows every candidate alike; with no control in the round, the table says so."""
+    rnd(proj, "round", "--k=1", "--sweep=MATRIX_LR=0.09", "--tag=t", check=0)  # no winner: the best keeps 2 runs
+    for i, lr in ((1, "0.06"), (2, "0.07")):
+        branch(proj, f"autoresearch/t-r2-c{i}", ("train.py", "STEPS = 953", f"STEPS = 600\nMATRIX_LR = {lr}"))
+    r = rnd(proj, "round", "--k=2", "--tag=t", check=0)
+    assert "c0 " not in r.stdout and "note: every candidate ran fewer steps (600-600) than the best's runs (953" \
+        in r.stdout, r.stdout
 
 
 def test_rules_of_the_game_refuse_before_anything_runs(proj):

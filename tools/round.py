@@ -260,11 +260,11 @@ def rows_of(st, tag=None):
 
 
 def best_score(st, tag, commit):
-    """(mean score, number of runs, mean training_seconds) of the best commit under this setting."""
+    """(mean score, number of runs, mean training_seconds, mean num_steps) of the best commit under this setting."""
     runs = [r for r in rows_of(st, tag) if r.score is not None and commit.startswith(r["commit"])]
-    secs = [R.number(r["training_seconds"]) for r in runs if R.number(r["training_seconds"])]
     mean = lambda xs: sum(xs) / len(xs) if xs else None
-    return mean([r.score for r in runs]), len(runs), mean(secs)
+    of = lambda key: mean([v for r in runs if (v := R.number(r[key]))])
+    return mean([r.score for r in runs]), len(runs), of("training_seconds"), of("num_steps")
 
 
 def noise(st):
@@ -392,6 +392,8 @@ def lock_holder(tag):
 @contextlib.contextmanager
 def tag_lock(tag):
     (STATE / tag).mkdir(parents=True, exist_ok=True)
+    if not (STATE.parent / ".gitignore").exists():  # keeps .ar/ out of git status, whatever the backend
+        (STATE.parent / ".gitignore").write_text("*\n")
     fd = os.open(STATE / tag / "lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         for attempt in range(20):  # `make status` probes the lock for microseconds
@@ -611,7 +613,7 @@ def new_ledger(kind, tag, n, backend, st, spec, best, cands):
 
 
 def controls(st, tag, best):
-    _, runs, _ = best_score(st, tag, best)
+    _, runs, _, _ = best_score(st, tag, best)
     return [(lb, best, "control: the best, unchanged") for lb in ["c0", "c0b"][:max(0, 2 - runs)]]
 
 
@@ -684,7 +686,7 @@ def decide(led):
         c["status"] = "crash" if c["result"]["value"] is None else "keep" if c in ctrl else "discard"
     rows = [row(led, c, c["status"]) for c in ctrl]
     R.append_rows(RESULTS, rows, METRIC)  # the controls count in the best's score and the noise
-    score, runs, secs = best_score(st, tag, led["best"])
+    score, runs, secs, best_steps = best_score(st, tag, led["best"])
     thr, why = threshold(st)
     led.update(best_score=score, best_runs=runs, threshold=thr, threshold_why=why, winner=None, notes=[])
     ok = []
@@ -707,6 +709,14 @@ def decide(led):
                 led["notes"].append(f"the winner ran {mine:.0f} steps, the old best {steps[0]:.0f}: the noise "
                                     "may have changed; re-measure it with make baseline REPEATS=4")
         break
+    steps = [R.number(c["result"]["summary"].get("num_steps")) for c in cands if c not in ctrl]
+    steps = [x for x in steps if x]
+    if led["kind"] == "round" and not ctrl and best_steps and len(steps) > 1 and (
+            max(steps) < 0.8 * best_steps or min(steps) > 1.25 * best_steps):  # all slower or all faster
+        led["notes"].append(f"every candidate ran {'fewer' if max(steps) < best_steps else 'more'} steps "
+                            f"({min(steps):.0f}-{max(steps):.0f}) than the best's runs ({best_steps:.0f} on average): "
+                            "a busier or quieter machine moves every score; no control ran this round, so "
+                            "make baseline REPEATS=4 tells")
     R.append_rows(RESULTS, [row(led, c, c["status"]) for c in cands if c not in ctrl], METRIC)
 
 
@@ -892,7 +902,7 @@ def cmd_status(args):
                 print(f"  {c['label']:5} {c['job_id'] or '-':28} {state:13} {c['description'][:60]}")
         st = (last_ledger(tag) or {}).get("setting")
         if st:
-            score, runs, _ = best_score(st, tag, rev(f"refs/heads/autoresearch/{tag}") or "-")
+            score, runs, _, _ = best_score(st, tag, rev(f"refs/heads/autoresearch/{tag}") or "-")
             print(f"{tag}: best autoresearch/{tag} {METRIC} {'-' if score is None else f'{score:.6f}'} "
                   f"({runs} run(s)); {threshold(st)[1]}")
     if not tags:
