@@ -743,7 +743,8 @@ def advance(led):
 def report(led):
     st, tag, score = led["setting"], led["tag"], led.get("best_score")
     what = {"round": f"round {led['n']}", "baseline": f"baseline {led['label']}", "promote": f"promote {led['label']}"}
-    subject = git("log", "-1", "--format=%s", led["best"])[:60]  # which idea the best is
+    subject = git("log", "-1", "--format=%s", led["best"])  # which idea the best is
+    subject = subject if len(subject) <= 60 else subject[:57].rstrip() + "..."
     print(f"{what[led['kind']]} of tag {tag} on {st['backend']}/{st['gpu']}/{st['profile']}: best "
           f"{led['best'][:7]} ({subject}) {METRIC} {'-' if score is None else f'{score:.6f}'} "
           f"(mean of {led.get('best_runs', 0)} run(s)); {led.get('threshold_why', '')}")
