@@ -16,7 +16,7 @@ editing those blocks changes what the test runs. Two mechanisms, both deliberate
     trying one idea per branch; the block's `git commit` then makes it a candidate commit;
   * `make` is a shim on PATH that adds `-o .venv/.setup-stamp`, so `make setup` in the copy (whose
     .venv is a symlink to this repository's) never reinstalls into the shared venv.
-The prompts themselves use K=2 in those blocks (a two-core machine has two slots).
+The first round is K=4 (six jobs with the controls, three waves on two slots), the second K=2 branches.
 """
 
 import ast
@@ -27,6 +27,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tokenize
 from functools import cache
 
@@ -283,9 +284,10 @@ def test_prompts_name_existing_markdown_files():
 GIT_SUBCOMMANDS = {"switch", "commit", "show", "log", "status", "rebase", "merge", "branch", "diff", "stash", "add",
                    "restore", "checkout", "archive", "rev-parse"}
 VESSLCTL = {("auth", "login"), ("auth", "status"), ("volume", "create")}  # not installable here: exact allowlist
-PLAIN_TOOLS = {"nvidia-smi", "tail", "mkdir", "cat", "export", "pip"}
+PLAIN_TOOLS = {"nvidia-smi", "tail", "mkdir", "cat", "export", "pip", "cp", "cd"}
+KARPATHY_FILES = {"prepare.py", "train.py"}  # at the root of a karpathy/autoresearch checkout, not of this repo
 # no setsid/nohup: a round that outlives the agent's shell tool is `make round ... DETACH=1`
-COMMAND_WORDS = {"make", "git", "vesslctl", "sky", "modal", ".venv/bin/modal", ".venv/bin/python", "python"} \
+COMMAND_WORDS = {"make", "git", "vesslctl", "sky", "modal", ".venv/bin/modal", ".venv/bin/python", "python", "uv"} \
     | PLAIN_TOOLS
 
 
@@ -336,8 +338,8 @@ def prompt_commands():
     cmds = []
     for p in PROMPTS:
         text = p.read_text()
-        lines = [ln for _, body in fenced_blocks(text) for ln in body.splitlines()
-                 if ln.strip() and not ln.lstrip().startswith("#")]
+        lines = [ln for info, body in fenced_blocks(text) if info.split()[:1] in ([], ["bash"])
+                 for ln in body.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
         for span in inline_spans(_code_cells(text)):
             raw = span.split()
             first = next((w for w in raw if not re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", w)), "")
@@ -416,12 +418,18 @@ def test_prompts_contain_commands():
 def test_prompt_commands_exist(prompt, words):
     cmd, args = words[0], words[1:]
     what = f"{prompt}: {' '.join(words)}"
+    if cmd == "uv" and args[:1] == ["run"] and args[1:2] in (["modal"], ["python"]):
+        cmd, args = args[1], args[2:]  # `uv run modal ...` in a karpathy checkout is the modal CLI
     if cmd == "make":
         assert not args or args[0] in make_targets() or "=" in args[0], what  # targets: checked with make -n
     elif re.fullmatch(r"[\w.-]+/[\w./-]+\.(sh|py)", cmd):
         assert (REPO / cmd).is_file(), what
         _check_options(args, repo_help(cmd), what)
-    elif cmd in (".venv/bin/python", "python"):
+    elif cmd == "uv" and (args[:1] in (["sync"], ["add"]) or args[:1] == ["run"] and args[1:2]
+                          and args[1] in KARPATHY_FILES):
+        pass  # uv's own commands; the user's own checkout's prepare.py / train.py
+    elif cmd in (".venv/bin/python", "python") or (cmd == "uv" and args[:1] == ["run"]):
+        args = args[1:] if cmd == "uv" else args
         assert args and (REPO / args[0]).is_file(), what
         sub = args[1:2] if len(args) > 1 and not args[1].startswith("-") else []
         _check_options(args[1 + len(sub):], repo_help(args[0], *sub), what)
@@ -444,6 +452,8 @@ def test_prompt_commands_exist(prompt, words):
             for w in args[2:]:
                 if w.startswith("--"):
                     assert w[2:].split("=")[0].replace("-", "_") in params, f"{what}: {entry} takes no {w}"
+        elif args[:1] == ["deploy"]:
+            assert args[1:] == ["modal/app.py"], what
         else:
             assert args[:2] in (["setup"], ["token", "info"], ["token", "new"]), what
             cli_help("modal", *args[:2])
@@ -474,10 +484,10 @@ def test_prompt_code_spans_do_not_cross_lines():
 def test_the_prompts_cover_their_topics():
     text = {p.name: p.read_text() for p in PROMPTS}
     for word in ("trainer/train.py", "prepare/prepare.py", "val_bpb", "results.tsv", "keep", "discard", "crash",
-                 "logs.sh", "Simplicity"):
+                 "logs.sh", "Simplicity", "delta", "steps", "Never stop"):
         assert word in text["program.md"], word
-    for word in ("SWEEP", "autoresearch/<tag>-r<N>-c", "refs/autoresearch/<tag>/r<N>-c<i>", "delta", "steps",
-                 "c0b", "NOISE NOT MEASURED", "make baseline REPEATS=4", "abandon",
+    for word in ("SWEEP", "autoresearch/<tag>-r<N>-c", "refs/autoresearch/<tag>/r<N>-c<i>", "c0b",
+                 "NOISE NOT MEASURED", "make baseline REPEATS=4", "abandon",
                  "AR_GPU=H200 make promote TOP=2 BACKEND=sky", "AR_BUDGET_USD", "make status", "make results",
                  "make plot", "DETACH=1", "make round-wait TIMEOUT=", "round is N again"):
         assert word in text["fanout.md"], word
@@ -485,6 +495,9 @@ def test_the_prompts_cover_their_topics():
         assert f"make round K=4 BACKEND={backend}" in text[name] and "make baseline" in text[name], name
         assert "| you see | do |" in text[name], name
     assert "| you see | do |" in text["local.md"]
+    for name in ("local.md", "vessl.md", "sky.md", "modal.md"):
+        assert "## In your own autoresearch checkout" in text[name] and "```bash copy" in text[name], name
+    assert "## Without make" in text["fanout.md"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -525,7 +538,8 @@ def test_local_and_fanout_prompts_run_verbatim(tmp_path, ar_cache):
 
     steps = e2e_steps("local.md") + e2e_steps("fanout.md")
     assert [c for kind, c in steps if kind == "run" and c.startswith("make round ")] == \
-        ['make round K=2 SWEEP="MATRIX_LR=0.03,0.05"', "make round K=2"], "the e2e blocks changed: update this test"
+        ['make round K=4 SWEEP="MATRIX_LR=0.03,0.05,0.06,0.08"', "make round K=2"], \
+        "the e2e blocks changed: update this test"
     outputs, edits = {}, 0
     for kind, command in steps:
         if kind == "edit":
@@ -541,7 +555,7 @@ def test_local_and_fanout_prompts_run_verbatim(tmp_path, ar_cache):
         return subprocess.run(["git", *args], cwd=repo, env=env, capture_output=True, text=True,
                               check=True).stdout.strip()
 
-    r1, r2 = outputs['make round K=2 SWEEP="MATRIX_LR=0.03,0.05"'], outputs["make round K=2"]
+    r1, r2 = outputs['make round K=4 SWEEP="MATRIX_LR=0.03,0.05,0.06,0.08"'], outputs["make round K=2"]
     assert r1.startswith("round 1 of tag default on local/cpu/smoke") and "next round: 2" in r1, r1
     assert r2.startswith("round 2 of tag default on local/cpu/smoke") and "next round: 3" in r2, r2
     assert "delta" in r2 and "steps" in r2 and ("winner: c" in r2 or "no winner:" in r2)
@@ -556,9 +570,9 @@ def test_local_and_fanout_prompts_run_verbatim(tmp_path, ar_cache):
 
     # round 1: the controls (the best twice, unchanged), then two SWEEP commits that rewrite one line
     one = [r for r in records if r["round"] == "1"]
-    assert [r["candidate"] for r in one] == ["c0", "c0b", "c1", "c2"], one
+    assert [r["candidate"] for r in one] == ["c0", "c0b", "c1", "c2", "c3", "c4"], one
     assert one[0]["commit"] == one[1]["commit"] and "NOISE NOT MEASURED" not in r1
-    for r, value in zip(one[2:], ("0.03", "0.05"), strict=True):
+    for r, value in zip(one[2:], ("0.03", "0.05", "0.06", "0.08"), strict=True):
         assert r["description"] == f"MATRIX_LR={value}"
         assert f"MATRIX_LR = {value}" in git("show", f"{r['commit']}:trainer/train.py")
     won1 = [r for r in one[2:] if r["status"] == "keep"]
@@ -584,3 +598,42 @@ def test_local_and_fanout_prompts_run_verbatim(tmp_path, ar_cache):
     shown = outputs["make results"]
     assert shown.split()[:3] == ["tag", "round", "candidate"] and len(shown.splitlines()) == 1 + len(records), shown
     assert (repo / "progress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_local_prompt_copy_into_a_karpathy_checkout_runs_verbatim(tmp_path):
+    """local.md's ```bash copy block, as written, in a karpathy-layout checkout at ~/autoresearch (HOME is a
+    temporary folder): no setting; `uv` is a shim that runs python (`uv run [python] X` -> python X); the
+    checkout's train.py is test_round's stand-in (the reference block, a score that depends on MATRIX_LR)."""
+    from test_round import GIT_ID, TRAIN
+
+    home, shim = tmp_path / "home", tmp_path / "bin"
+    ckout = home / "autoresearch"
+    ckout.mkdir(parents=True)
+    shim.mkdir()
+    (shim / "uv").write_text(f'#!/bin/sh\n[ "$1" = run ] && shift\n[ "$1" = python ] && shift\n'
+                             f'echo "$*" >>"$HOME/uv-calls"\nexec {sys.executable} "$@"\n')
+    (shim / "uv").chmod(0o755)
+    (ckout / "train.py").write_text(TRAIN)
+    (ckout / "prepare.py").write_text("print('prepared')\n")
+    (ckout / "uv.lock").write_text("version = 1\n")
+    (ckout / ".gitignore").write_text("results.tsv\n")
+    env = clean_env(**GIT_ID, HOME=home, PATH=f"{shim}{os.pathsep}{os.environ['PATH']}")
+    for cmd in (["git", "init", "-q", "-b", "master"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
+        subprocess.run(cmd, cwd=ckout, env=env, check=True)
+
+    block = [body for info, body in fenced_blocks((PROMPT_DIR / "local.md").read_text()) if info == "bash copy"]
+    assert len(block) == 1, "local.md has no single ```bash copy block"
+    p = subprocess.run(["bash", "-euo", "pipefail", "-c", block[0]], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=240)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "winner: c" in p.stdout and "round 1 of tag default on local/" in p.stdout, p.stdout
+    lines = (ckout / "results.tsv").read_text().splitlines()
+    rows = [dict(zip(lines[0].split("\t"), x.split("\t"), strict=True)) for x in lines[1:]]
+    assert [r["candidate"] for r in rows] == ["c0", "c0b", "c1", "c2", "c3", "c4"], rows
+    calls = (home / "uv-calls").read_text().splitlines()
+    assert calls[:2] == ["prepare.py", "tools/round.py round --k=4 --sweep=MATRIX_LR=0.03,0.05,0.06,0.08"], calls
+    assert calls.count("train.py") == 6  # every job ran the checkout's own command, `uv run train.py`
+    assert "MATRIX_LR = 0.05" in subprocess.run(["git", "show", "autoresearch/default:train.py"], cwd=ckout, env=env,
+                                                capture_output=True, text=True).stdout
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=ckout, env=env, capture_output=True, text=True)
+    assert status.stdout == "", status.stdout
