@@ -131,11 +131,12 @@ def test_copied_project_sweep_round_keeps_the_winner_as_plain_code(proj):
 def test_a_round_without_controls_says_when_every_candidate_ran_far_fewer_steps(proj):
     """A busier machine (here: STEPS) slows every candidate alike; with no control in the round, the table says so."""
     rnd(proj, "round", "--k=1", "--sweep=MATRIX_LR=0.09", "--tag=t", check=0)  # no winner: the best keeps 2 runs
-    for i, lr in ((1, "0.06"), (2, "0.07")):
+    for i, lr in ((1, "0.05"), (2, "0.07")):
         branch(proj, f"autoresearch/t-r2-c{i}", ("train.py", "STEPS = 953", f"STEPS = 600\nMATRIX_LR = {lr}"))
     r = rnd(proj, "round", "--k=2", "--tag=t", check=0)
     assert "c0 " not in r.stdout and "note: every candidate ran fewer steps (600-600) than the best's runs (953" \
         in r.stdout, r.stdout
+    assert "winner: c1" in r.stdout and "note: the winner ran 600 steps, the old best 953" in r.stdout, r.stdout
 
 
 def test_rules_of_the_game_refuse_before_anything_runs(proj):
@@ -152,7 +153,7 @@ def test_rules_of_the_game_refuse_before_anything_runs(proj):
     assert "changes nothing" in rnd(proj, "round", "--k=1", "--tag=t", check=2).stderr
     git(proj, "branch", "-D", "autoresearch/t-r2-c1")
     branch(proj, "autoresearch/t-r2-c1", ("train.py", "# Muon learning rate", "# Muon, re-rolled"), "a free re-roll")
-    assert "changes nothing but comments" in rnd(proj, "round", "--k=1", "--tag=t", check=2).stderr
+    assert "changes only comments or layout" in rnd(proj, "round", "--k=1", "--tag=t", check=2).stderr
     assert "No newline" not in git(proj, "diff", "master", "autoresearch/t")  # a SWEEP keeps the last newline
     assert "missing candidate branch(es) autoresearch/t-r2-c2" in rnd(proj, "round", "--k=2", "--tag=t", check=2).stderr
     assert len(jobs(proj)) == n_jobs and not (proj / ".ar/rounds/t/r2.json").exists()
@@ -165,6 +166,14 @@ def test_rules_of_the_game_refuse_before_anything_runs(proj):
     git(proj, "branch", "-D", "autoresearch/t-r3-c1")
     assert "already ran on tag t" in rnd(proj, "round", "--k=1", "--sweep=MATRIX_LR=0.09", "--tag=t", check=2).stderr
     assert "changes nothing" in rnd(proj, "round", "--k=1", "--sweep=MATRIX_LR=0.05", "--tag=t", check=2).stderr
+    # the same value, written as an expression that is that value on every profile, already ran too
+    branch(proj, "autoresearch/t-r3-c1", ("train.py", "MATRIX_LR = 0.05", "MATRIX_LR = 0.09 if DEPTH else 0.09"))
+    # every refused candidate is named at once, one line each
+    branch(proj, "autoresearch/t-r3-c2", ("prepare.py", "300", "600"), "longer budget")
+    git(proj, "branch", "autoresearch/t-r3-c3", "autoresearch/t")
+    err = rnd(proj, "round", "--k=3", "--tag=t", check=2).stderr.splitlines()
+    assert [x.split(" ")[2] for x in err] == [f"autoresearch/t-r3-c{i}" for i in (1, 2, 3)], err
+    assert "already ran on tag t" in err[0] and "changes prepare.py" in err[1] and "empty commit" in err[2], err
 
 
 def test_a_candidate_that_trains_longer_is_not_kept(proj):
@@ -172,7 +181,17 @@ def test_a_candidate_that_trains_longer_is_not_kept(proj):
     branch(proj, "autoresearch/t-r2-c1", ("train.py", "EXTRA_SECONDS = 0", "EXTRA_SECONDS = 100\nMATRIX_LR = 0.05"))
     branch(proj, "autoresearch/t-r2-c2", ("train.py", "EXTRA_SECONDS = 0", "EXTRA_SECONDS = 40\nMATRIX_LR = 0.09"))
     r = rnd(proj, "round", "--k=2", "--tag=t", check=0)
-    assert r.stdout.count("over the budget") == 2 and "no winner" in r.stdout, r.stdout  # flagged, won or not
+    assert r.stdout.count("(over the budget)") == 2 and "no winner" in r.stdout, r.stdout  # flagged, won or not
+    assert "note: c1 trained 400 s, the best 300 s: over the budget" in r.stdout, r.stdout  # below the table
+
+
+def test_a_sweep_over_an_expression_says_so_below_the_table(proj):
+    f = proj / "train.py"
+    f.write_text(f.read_text().replace("SLEEP = 0.3 ", "SLEEP = 0.3 if DEPTH else 0.2 "))
+    git(proj, "commit", "-qam", "an expression")
+    r = rnd(proj, "round", "--k=1", "--sweep=SLEEP=0.31", "--tag=t", check=0)
+    below = r.stdout[r.stdout.index("\nc1 "):]
+    assert "note: train.py has SLEEP = 0.3 if DEPTH else 0.2; SWEEP SLEEP=0.31 replaced it on every profile" in below
 
 
 def test_crash_reason_reaches_results_tsv(proj):

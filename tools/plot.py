@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """
 tools/plot.py -- progress.png from results.tsv: every experiment a point (crashes as x marks on the
-floor of the plot), kept ones highlighted, and the best as a step line: at each point, the commit of
+floor of the plot), winners filled, controls hollow, and the best as a step line: at each point, the commit of
 the latest kept row, scored as the round driver scores it (the mean of all its runs).
 
     python tools/plot.py [--file results.tsv] [--out progress.png] [--tag TAG] [--profile P]
@@ -13,6 +13,7 @@ the (tag, profile, gpu, backend) of the most recent row; --tag/--profile pick an
 import argparse
 import importlib.util
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -48,9 +49,15 @@ def plot(rows, key, out):
     keep = [(x, v, r) for x, v, r in ok if r["status"] == "keep"]
     if disc:
         ax.scatter(*zip(*disc, strict=True), s=18, c="#b0b0b0", label="discarded", zorder=2)
-    if keep:
-        ax.scatter([x for x, _, _ in keep], [v for _, v, _ in keep], s=46, c="#1f9e4a", edgecolors="black",
-                   linewidths=0.5, label="kept", zorder=4)
+    is_control = lambda r: re.fullmatch(r"c0b?|base\d+", r["candidate"])
+    won = [(x, v) for x, v, r in keep if not is_control(r)]
+    ctl = [(x, v) for x, v, r in keep if is_control(r)]
+    if ctl:
+        ax.scatter(*zip(*ctl, strict=True), s=30, facecolors="none", edgecolors="#1f9e4a", linewidths=1.2,
+                   label="control (the best, re-run)", zorder=4)
+    if won:
+        ax.scatter(*zip(*won, strict=True), s=46, c="#1f9e4a", edgecolors="black", linewidths=0.5,
+                   label="kept (a winner)", zorder=4)
     runs = {}
     for _, v, r in keep:
         runs.setdefault(r["commit"], []).append(v)

@@ -79,6 +79,9 @@ SIGN = 1 if GOAL == "min" else -1  # SIGN * (a - b) < 0: a is better than b
 DETACHED = None  # in a detached driver: its driver.json
 
 
+NOTES = []  # notes made while preparing the candidates, printed again below the table
+
+
 class UsageError(Exception):
     """Bad arguments: one line, exit 2, nothing done."""
 
@@ -123,6 +126,12 @@ def train_file(commit):
     raise RoundError(f"commit {commit[:10]} has neither trainer/train.py nor train.py")
 
 
+class _SameEitherWay(ast.NodeTransformer):
+    def visit_IfExp(self, node):  # `0.6 if SMALL else 0.6` is the code `0.6`
+        self.generic_visit(node)
+        return node.body if ast.dump(node.body) == ast.dump(node.orelse) else node
+
+
 def code_of(revs, path):
     """A fingerprint of the code of `path` at each revision, in one git call: the hash of its syntax tree,
     so comments and layout do not count (of its text where it does not parse); None where git lacks it."""
@@ -138,7 +147,7 @@ def code_of(revs, path):
             continue
         body, i = out[end + 1:end + 1 + int(head[2])], end + 2 + int(head[2])
         try:
-            key = ast.dump(ast.parse(body)).encode()
+            key = ast.dump(_SameEitherWay().visit(ast.parse(body))).encode()
         except (SyntaxError, ValueError):
             key = body
         prints.append(hashlib.sha256(key).hexdigest())
@@ -218,7 +227,8 @@ def set_constant(source, name, value, path):
     try:
         a, b = ast.literal_eval(old), ast.literal_eval(value)
     except (ValueError, SyntaxError):  # an expression (`2 if SMALL else 8`): the value replaces all of it
-        log(f"note: {path} has {name} = {old}; SWEEP {name}={value} replaces it on every profile")
+        NOTES.append(f"{path} has {name} = {old}; SWEEP {name}={value} replaced it on every profile")
+        log(f"note: {NOTES[-1]}")
     else:
         if type(a) is not type(b) and not {type(a), type(b)} <= {int, float}:
             raise UsageError(f"SWEEP {name}={value}: {path} has {name} = {old} ({type(a).__name__})")
@@ -588,26 +598,31 @@ def candidates(tag, n, k, sweep, best, st):
     ran = [r["commit"] for r in rows_of(st, tag) if r.score is not None]
     ran = dict(zip(code_of(ran, path), ran, strict=True))  # the same code, whatever the commit or comments
     best_code, *codes = code_of([best] + [sha for _, sha, _ in made], path)
+    bad = []  # every refused candidate at once, one line each
     for (what, sha, _), code in zip(made, codes, strict=True):
-        if git("merge-base", "--is-ancestor", best, sha, check=False).returncode:
-            raise UsageError(f"{what} does not contain the best autoresearch/{tag} ({best[:10]}); rebase it on it")
         files = git("diff", "--name-only", best, sha).split()
-        if [f for f in files if f != path]:
-            raise UsageError(f"{what} changes {', '.join(f for f in files if f != path)}: a candidate may change "
-                             f"only {path} (the rest is the fixed harness)")
-        if code == best_code:
-            raise UsageError(f"{what} changes nothing but comments or layout of {path} (commit your edit; a SWEEP "
-                             "value must differ from the best's)")
-        if code in ran:
-            raise UsageError(f"{what} is the code of commit {ran[code]}, which already ran on tag {tag}; results.tsv "
-                             "has its score")
+        if git("merge-base", "--is-ancestor", best, sha, check=False).returncode:
+            bad.append(f"{what} does not contain the best autoresearch/{tag} ({best[:10]}); rebase it on it")
+        elif [f for f in files if f != path]:
+            bad.append(f"{what} changes {', '.join(f for f in files if f != path)}: a candidate may change "
+                       f"only {path} (the rest is the fixed harness)")
+        elif not files:
+            bad.append(f"{what} changes nothing (an empty commit, or the edit is not committed; a SWEEP value "
+                       "must differ from the best's)")
+        elif code == best_code:
+            bad.append(f"{what} changes only comments or layout of {path}: the same code is no new candidate")
+        elif code in ran:
+            bad.append(f"{what} is the code of commit {ran[code]}, which already ran on tag {tag}; results.tsv "
+                       "has its score")
+    if bad:
+        raise UsageError("\nround: error: ".join(bad))
     return [(f"c{i}", sha, desc) for i, (_, sha, desc) in enumerate(made, 1)]
 
 
 def new_ledger(kind, tag, n, backend, st, spec, best, cands):
     pre = {"round": "r", "baseline": "b", "promote": "p"}[kind]
     return dict(kind=kind, tag=tag, n=n, label=f"{pre}{n}" if kind != "round" else str(n), spec=spec,
-                backend=backend.name, setting=st, best=best, status="submitting", started=iso(),
+                backend=backend.name, setting=st, best=best, status="submitting", started=iso(), plan_notes=NOTES,
                 candidates=[dict(label=lb, commit=c, description=d, name=f"ar-{tag}-{pre}{n}-{lb}", job_id=None,
                                  result=None) for lb, c, d in cands])
 
@@ -688,13 +703,16 @@ def decide(led):
     R.append_rows(RESULTS, rows, METRIC)  # the controls count in the best's score and the noise
     score, runs, secs, best_steps = best_score(st, tag, led["best"])
     thr, why = threshold(st)
-    led.update(best_score=score, best_runs=runs, threshold=thr, threshold_why=why, winner=None, notes=[])
+    led.update(best_score=score, best_runs=runs, threshold=thr, threshold_why=why, winner=None,
+               notes=list(led.get("plan_notes", [])))
     ok = []
     for c in cands if led["kind"] == "round" else []:  # a candidate that trained longer is never kept
         t = R.number(c["result"]["summary"].get("training_seconds"))
         if c["status"] == "discard" and secs and t and t > 1.1 * secs + 2:
             if "over the budget" not in c["description"]:
                 c["description"] += f" -- not kept: trained {t:.0f} s, the best {secs:.0f} s (over the budget)"
+            led["notes"].append(f"{c['label']} trained {t:.0f} s, the best {secs:.0f} s: over the budget, so its "
+                                "score is not comparable and it is never kept")
         elif c["status"] == "discard":
             ok.append(c)
     for c in sorted(ok, key=lambda c: SIGN * c["result"]["value"]):
@@ -703,10 +721,9 @@ def decide(led):
             if score is None:
                 led["notes"].append("the best has no score under this setting (its controls crashed): "
                                     "the best candidate is kept without a comparison")
-            steps = [R.number(x["result"]["summary"].get("num_steps")) for x in ctrl if x["result"]["value"]]
             mine = R.number(c["result"]["summary"].get("num_steps"))
-            if steps and mine and abs(mine - steps[0]) > 0.25 * steps[0]:
-                led["notes"].append(f"the winner ran {mine:.0f} steps, the old best {steps[0]:.0f}: the noise "
+            if best_steps and mine and abs(mine - best_steps) > 0.25 * best_steps:
+                led["notes"].append(f"the winner ran {mine:.0f} steps, the old best {best_steps:.0f}: the noise "
                                     "may have changed; re-measure it with make baseline REPEATS=4")
         break
     steps = [R.number(c["result"]["summary"].get("num_steps")) for c in cands if c not in ctrl]
