@@ -13,9 +13,10 @@ A round, step by step (each step a command you could run by hand):
               train.py in the karpathy layout): the branches autoresearch/<tag>-r<N>-c1..c<K> you
               prepared, or with SWEEP="KNOB=v1,v2 ..." K commits the driver makes, each rewriting the
               knob's constant line (`MATRIX_LR = 0.05`); knobs separated by spaces multiply. A candidate
-              that changes another file, changes nothing or already ran is refused before anything runs.
+              that changes another file, changes nothing or already ran is refused before anything runs
+              (all of them named at once).
   controls    the best, unchanged: twice while it has no run yet under this setting, once while it has
-              one, so the noise is measured in the first round and after every change of the best.
+              one, none with two or more: the noise is measured in the first round and after a win.
   submit      <recipe>/submit-async.sh --commit SHA --name ar-<tag>-r<N>-<cand> per job (the name makes
               a resubmit return the same job); the ledger .ar/rounds/<tag>/r<N>.json gets each id.
   wait        <recipe>/wait-jobs.sh ID... -> summary blocks -> tools/results.py -> rows in results.tsv.
@@ -35,9 +36,10 @@ rest under the same names, so nothing runs twice. Ctrl-C/SIGTERM cancels every j
 rows, ledger `interrupted`); the same command restarts those candidates. One driver per tag at a time.
 abandon stops the tag's driver, cancels its jobs and archives round N as r<N>-abandoned, so the next
 round is N again. DETACH=1 checks everything in the foreground, then runs the driver in its own session
-(log .ar/rounds/<tag>/r<N>.log) and returns; `make round-wait` exits 0 with the table once it is done,
-3 while it runs, 1 if it ended unfinished. Budget: AR_BUDGET_USD refuses a round whose expected cost
-(tools/prices.yaml x the setting's mean job time, else 300 s + overhead) does not fit what is left.
+(log .ar/rounds/<tag>/r<N>.log) and returns; `round.py wait` exits 0 with the table once it is done,
+3 while it runs, 1 if it ended unfinished (through `make round-wait`, make turns 3 and 1 into 2).
+Budget: AR_BUDGET_USD refuses a round whose expected cost (tools/prices.yaml x the setting's mean job
+time, else 300 s + overhead) does not fit what is left.
 Exit: 0 done, 1 refused or failed, 2 bad arguments (nothing done), 3 `wait`: still running, 130 interrupted.
 """
 
