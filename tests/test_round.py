@@ -166,6 +166,8 @@ def test_rules_of_the_game_refuse_before_anything_runs(proj):
     git(proj, "branch", "-D", "autoresearch/t-r3-c1")
     assert "already ran on tag t" in rnd(proj, "round", "--k=1", "--sweep=MATRIX_LR=0.09", "--tag=t", check=2).stderr
     assert "changes nothing" in rnd(proj, "round", "--k=1", "--sweep=MATRIX_LR=0.05", "--tag=t", check=2).stderr
+    assert "the best's own value, written another way" in rnd(proj, "round", "--k=1", "--sweep=MATRIX_LR=5e-2",
+                                                              "--tag=t", check=2).stderr
     # the same value, written as an expression that is that value on every profile, already ran too
     branch(proj, "autoresearch/t-r3-c1", ("train.py", "MATRIX_LR = 0.05", "MATRIX_LR = 0.09 if DEPTH else 0.09"))
     # every refused candidate is named at once, one line each

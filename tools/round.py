@@ -40,7 +40,8 @@ round is N again. DETACH=1 checks everything in the foreground, then runs the dr
 3 while it runs, 1 if it ended unfinished (through `make round-wait`, make turns 3 and 1 into 2).
 Budget: AR_BUDGET_USD refuses a round whose expected cost (tools/prices.yaml x the setting's mean job
 time, else 300 s + overhead) does not fit what is left.
-Exit: 0 done, 1 refused or failed, 2 bad arguments (nothing done), 3 `wait`: still running, 130 interrupted.
+Exit: 0 done; 2 bad arguments or a refused candidate (nothing done); 1 refused at run time (budget,
+another driver, an unfinished round) or failed; 3 `wait`: still running; 130 interrupted.
 """
 
 import argparse
@@ -596,7 +597,8 @@ def candidates(tag, n, k, sweep, best, st):
     else:
         made = [(b, rev(f"refs/heads/{b}"), git("log", "-1", "--format=%s", b)[:100]) for b in branches]
         if rev(f"refs/heads/autoresearch/{tag}-r{n}-c{k + 1}"):
-            log(f"warning: autoresearch/{tag}-r{n}-c{k + 1} exists but K={k}; it is not part of this round")
+            log(f"warning: autoresearch/{tag}-r{n}-c{k + 1} exists but K={k}; it is not part of this round "
+                "(rename it for the next round, or delete it)")
     ran = [r["commit"] for r in rows_of(st, tag) if r.score is not None]
     ran = dict(zip(code_of(ran, path), ran, strict=True))  # the same code, whatever the commit or comments
     best_code, *codes = code_of([best] + [sha for _, sha, _ in made], path)
@@ -612,7 +614,9 @@ def candidates(tag, n, k, sweep, best, st):
             bad.append(f"{what} changes nothing (an empty commit, or the edit is not committed; a SWEEP value "
                        "must differ from the best's)")
         elif code == best_code:
-            bad.append(f"{what} changes only comments or layout of {path}: the same code is no new candidate")
+            bad.append(f"{what} is the best's own value, written another way: the same code is no new candidate"
+                       if what.startswith("SWEEP") else
+                       f"{what} changes only comments or layout of {path}: the same code is no new candidate")
         elif code in ran:
             bad.append(f"{what} is the code of commit {ran[code]}, which already ran on tag {tag}; results.tsv "
                        "has its score")

@@ -55,6 +55,7 @@ def config_error(message):
 UNTIMED_STEPS_CUDA = 10   # the first steps compile kernels; they train but do not count toward the budget
 UNTIMED_STEPS_CPU = 1
 FAIL_LOSS_FACTOR = 2.0    # loss above FAIL_LOSS_FACTOR * ln(vocab) (twice uniform guessing) = exploded
+SEED = 42                 # one seed for every run: another seed is a re-roll of the noise, not an idea
 VE_GATE_CHANNELS = 32     # the value-embedding gate looks at this many leading channels of x
 PEAK_BF16_FLOPS = [       # dense bf16 peak by GPU name substring, first match wins (for MFU)
     ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989.5e12), ("H200", 989.5e12),
@@ -106,7 +107,6 @@ WARMDOWN_RATIO = 0.5      # linear decay over the last part of the budget
 FINAL_LR_FRAC = 0.0       # LR multiplier at the very end
 
 # ---- Misc ----
-SEED = 42
 COMPILE = True            # torch.compile the model on CUDA (always off on CPU)
 
 
