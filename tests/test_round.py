@@ -137,6 +137,9 @@ def test_a_round_without_controls_says_when_every_candidate_ran_far_fewer_steps(
     assert "c0 " not in r.stdout and "note: every candidate ran fewer steps (600-600) than the best's runs (953" \
         in r.stdout, r.stdout
     assert "winner: c1" in r.stdout and "note: the winner ran 600 steps, the old best 953" in r.stdout, r.stdout
+    # sigma still comes from runs of the old model: the next header says so
+    header = rnd(proj, "round", "--k=1", "--sweep=DEPTH=7", "--tag=t", check=0).stdout.splitlines()[0]
+    assert "measured on runs of ~953 steps, the best runs ~600: make baseline REPEATS=4" in header, header
 
 
 def test_rules_of_the_game_refuse_before_anything_runs(proj):

@@ -230,8 +230,10 @@ def set_constant(source, name, value, path):
     try:
         a, b = ast.literal_eval(old), ast.literal_eval(value)
     except (ValueError, SyntaxError):  # an expression (`2 if SMALL else 8`): the value replaces all of it
-        NOTES.append(f"{path} has {name} = {old}; SWEEP {name}={value} replaced it on every profile")
-        log(f"note: {NOTES[-1]}")
+        note = f"{path} has {name} = {old}; SWEEP {name}={value} replaced it on every profile"
+        if note not in NOTES:  # a grid sets each value in several candidates
+            NOTES.append(note)
+            log(f"note: {note}")
     else:
         if type(a) is not type(b) and not {type(a), type(b)} <= {int, float}:
             raise UsageError(f"SWEEP {name}={value}: {path} has {name} = {old} ({type(a).__name__})")
@@ -281,18 +283,21 @@ def best_score(st, tag, commit):
 
 
 def noise(st):
-    """(sigma, runs, commits): the standard deviation pooled over the control runs (c0, c0b, base<i>) of
-    each commit. A winner's own run is left out: it was picked for being low, and it ran in another round."""
+    """(sigma, runs, commits, their mean num_steps): the standard deviation pooled over the control runs
+    (c0, c0b, base<i>) of each commit. A winner's own run is left out: it was picked for being low, and it
+    ran in another round."""
     groups = {}
     for r in rows_of(st):
         if r.score is not None and re.fullmatch(r"c0b?|base\d+", r["candidate"]):
-            groups.setdefault(r["commit"], []).append(r.score)
-    groups = [g for g in groups.values() if len(g) > 1]
+            groups.setdefault(r["commit"], []).append(r)
+    pooled = [g for g in groups.values() if len(g) > 1]
+    steps = [v for g in pooled for r in g if (v := R.number(r["num_steps"]))]
+    groups = [[r.score for r in g] for g in pooled]
     dof = sum(len(g) - 1 for g in groups)
     if not dof:
-        return None, 0, 0
+        return None, 0, 0, None
     ss = sum((x - sum(g) / len(g)) ** 2 for g in groups for x in g)
-    return math.sqrt(ss / dof), sum(map(len, groups)), len(groups)
+    return math.sqrt(ss / dof), sum(map(len, groups)), len(groups), sum(steps) / len(steps) if steps else None
 
 
 def threshold(st):
@@ -300,7 +305,7 @@ def threshold(st):
     delta = positive("AR_MIN_DELTA", os.environ.get("AR_MIN_DELTA"))
     if delta is not None:
         return delta, f"threshold {delta:g} (AR_MIN_DELTA)"
-    sigma, n, c = noise(st)
+    sigma, n, c, _ = noise(st)
     if sigma is None:
         return 0.0, "threshold 0: NOISE NOT MEASURED (no commit has two runs yet; make baseline REPEATS=4)"
     rough = " -- rough, make baseline REPEATS=4 to firm it up" if n - c < 3 else ""
@@ -581,7 +586,8 @@ def candidates(tag, n, k, sweep, best, st):
     branches = [f"autoresearch/{tag}-r{n}-c{i}" for i in range(1, k + 1)]
     have = [b for b in branches if rev(f"refs/heads/{b}")]
     if sweep and have:
-        raise UsageError(f"SWEEP given but {have[0]} exists; delete the prepared branches or drop SWEEP")
+        raise UsageError(f"SWEEP given but {have[0]} exists; delete the prepared branches (git branch -D "
+                         f"{' '.join(have)}) or drop SWEEP")
     if sweep:
         source, made = git("show", f"{best}:{path}", check=False).stdout, []  # raw: its last newline too
         for combo in sweep_values(sweep, k):
@@ -709,6 +715,11 @@ def decide(led):
     R.append_rows(RESULTS, rows, METRIC)  # the controls count in the best's score and the noise
     score, runs, secs, best_steps = best_score(st, tag, led["best"])
     thr, why = threshold(st)
+    sigma_steps = noise(st)[3]
+    if not os.environ.get("AR_MIN_DELTA") and best_steps and sigma_steps and abs(best_steps - sigma_steps) > \
+            0.25 * sigma_steps:  # sigma was measured on other models than the best: say so where it is read
+        why += (f" -- measured on runs of ~{sigma_steps:.0f} steps, the best runs ~{best_steps:.0f}: "
+                "make baseline REPEATS=4 measures it on the best")
     led.update(best_score=score, best_runs=runs, threshold=thr, threshold_why=why, winner=None,
                notes=list(led.get("plan_notes", [])))
     ok = []
