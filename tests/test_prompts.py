@@ -582,10 +582,10 @@ def test_local_and_fanout_prompts_run_verbatim(tmp_path, ar_cache):
     won1 = [r for r in one if r["status"] == "keep"]
     best1 = won1[0]["commit"] if won1 else base[0]["commit"]
 
-    # round 2: one control while the best has a single run (a SWEEP winner), none after four; then the
+    # round 2: two controls after a SWEEP winner (its winning run is no control), none after four; then the
     # branches the block prepared, with their commit subjects, parked under refs/autoresearch/
     two = [r for r in records if r["round"] == "2"]
-    assert [r["candidate"] for r in two] == (["c0"] if won1 else []) + ["c1", "c2"], two
+    assert [r["candidate"] for r in two] == (["c0", "c0b"] if won1 else []) + ["c1", "c2"], two
     for r in two[-2:]:
         ref = f"refs/autoresearch/default/r2-{r['candidate']}"
         assert r["description"] == git("log", "-1", "--format=%s", ref)

@@ -118,14 +118,14 @@ def test_copied_project_sweep_round_keeps_the_winner_as_plain_code(proj):
     # the candidates are kept as refs, not as branches
     assert git(proj, "branch", "--list", "autoresearch/t-r1-*") == ""
     assert git(proj, "rev-parse", "refs/autoresearch/t/r1-c2")
-    # round 2 runs one control: the new best has one run
+    # round 2 runs two controls: the new best's only run is its winning one
     hostile = """depth 12 $(touch pwned); `touch pwned` "quoted" 'too'"""
     branch(proj, "autoresearch/t-r2-c1", ("train.py", "DEPTH = 8 ", "DEPTH = 12"), hostile)
     r = rnd(proj, "round", "--k=1", "--tag=t", check=0)
     header = r.stdout.splitlines()[0]  # names the best's idea
     assert header.startswith("round 2 of tag t on local/") and "(sweep: MATRIX_LR=0.05) val_bpb" in header
-    assert [x["candidate"] for x in rows(proj)[4:]] == ["c0", "c1"]
-    assert rows(proj)[5]["description"] == hostile and not (proj / "pwned").exists()
+    assert [x["candidate"] for x in rows(proj)[4:]] == ["c0", "c0b", "c1"]  # the winner's own run is no control
+    assert rows(proj)[6]["description"] == hostile and not (proj / "pwned").exists()
 
 
 def test_a_round_without_controls_says_when_every_candidate_ran_far_fewer_steps(proj):
@@ -137,9 +137,9 @@ def test_a_round_without_controls_says_when_every_candidate_ran_far_fewer_steps(
     assert "c0 " not in r.stdout and "note: every candidate ran fewer steps (600-600) than the best's runs (953" \
         in r.stdout, r.stdout
     assert "winner: c1" in r.stdout and "note: the winner ran 600 steps, the old best 953" in r.stdout, r.stdout
-    # sigma still comes from runs of the old model: the next header says so
-    header = rnd(proj, "round", "--k=1", "--sweep=DEPTH=7", "--tag=t", check=0).stdout.splitlines()[0]
-    assert "measured on runs of ~953 steps, the best runs ~600: make baseline REPEATS=4" in header, header
+    # the new best's only run is its winning one: the next round measures it twice
+    r = rnd(proj, "round", "--k=1", "--sweep=DEPTH=7", "--tag=t", check=0)
+    assert [x["candidate"] for x in rows(proj)[-3:]] == ["c0", "c0b", "c1"], r.stdout
 
 
 def test_rules_of_the_game_refuse_before_anything_runs(proj):

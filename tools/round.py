@@ -15,8 +15,8 @@ A round, step by step (each step a command you could run by hand):
               knob's constant line (`MATRIX_LR = 0.05`); knobs separated by spaces multiply. A candidate
               that changes another file, changes nothing or already ran is refused before anything runs
               (all of them named at once).
-  controls    the best, unchanged: twice while it has no run yet under this setting, once while it has
-              one, none with two or more: the noise is measured in the first round and after a win.
+  controls    the best, unchanged (c0, c0b) until it has two control runs under this setting (its
+              winning run does not count): the noise is measured on every new best.
   submit      <recipe>/submit-async.sh --commit SHA --name ar-<tag>-r<N>-<cand> per job (the name makes
               a resubmit return the same job); the ledger .ar/rounds/<tag>/r<N>.json gets each id.
   wait        <recipe>/wait-jobs.sh ID... -> summary blocks -> tools/results.py -> rows in results.tsv.
@@ -283,21 +283,18 @@ def best_score(st, tag, commit):
 
 
 def noise(st):
-    """(sigma, runs, commits, their mean num_steps): the standard deviation pooled over the control runs
-    (c0, c0b, base<i>) of each commit. A winner's own run is left out: it was picked for being low, and it
-    ran in another round."""
+    """(sigma, runs, commits): the standard deviation pooled over the control runs (c0, c0b, base<i>) of
+    each commit. A winner's own run is left out: it was picked for being low, and it ran in another round."""
     groups = {}
     for r in rows_of(st):
         if r.score is not None and re.fullmatch(r"c0b?|base\d+", r["candidate"]):
-            groups.setdefault(r["commit"], []).append(r)
-    pooled = [g for g in groups.values() if len(g) > 1]
-    steps = [v for g in pooled for r in g if (v := R.number(r["num_steps"]))]
-    groups = [[r.score for r in g] for g in pooled]
+            groups.setdefault(r["commit"], []).append(r.score)
+    groups = [g for g in groups.values() if len(g) > 1]
     dof = sum(len(g) - 1 for g in groups)
     if not dof:
-        return None, 0, 0, None
+        return None, 0, 0
     ss = sum((x - sum(g) / len(g)) ** 2 for g in groups for x in g)
-    return math.sqrt(ss / dof), sum(map(len, groups)), len(groups), sum(steps) / len(steps) if steps else None
+    return math.sqrt(ss / dof), sum(map(len, groups)), len(groups)
 
 
 def threshold(st):
@@ -305,7 +302,7 @@ def threshold(st):
     delta = positive("AR_MIN_DELTA", os.environ.get("AR_MIN_DELTA"))
     if delta is not None:
         return delta, f"threshold {delta:g} (AR_MIN_DELTA)"
-    sigma, n, c, _ = noise(st)
+    sigma, n, c = noise(st)
     if sigma is None:
         return 0.0, "threshold 0: NOISE NOT MEASURED (no commit has two runs yet; make baseline REPEATS=4)"
     rough = " -- rough, make baseline REPEATS=4 to firm it up" if n - c < 3 else ""
@@ -640,8 +637,11 @@ def new_ledger(kind, tag, n, backend, st, spec, best, cands):
 
 
 def controls(st, tag, best):
-    _, runs, _, _ = best_score(st, tag, best)
-    return [(lb, best, "control: the best, unchanged") for lb in ["c0", "c0b"][:max(0, 2 - runs)]]
+    """c0 and c0b until the best has two control runs under this setting: a winner's own run does not count
+    (it was picked for being low), so the noise is measured on every new best."""
+    runs = [r for r in rows_of(st, tag) if r.score is not None and best.startswith(r["commit"])
+            and re.fullmatch(r"c0b?|base\d+", r["candidate"])]
+    return [(lb, best, "control: the best, unchanged") for lb in ["c0", "c0b"][:max(0, 2 - len(runs))]]
 
 
 def submit_all(path, led, backend, sig):
@@ -715,11 +715,6 @@ def decide(led):
     R.append_rows(RESULTS, rows, METRIC)  # the controls count in the best's score and the noise
     score, runs, secs, best_steps = best_score(st, tag, led["best"])
     thr, why = threshold(st)
-    sigma_steps = noise(st)[3]
-    if not os.environ.get("AR_MIN_DELTA") and best_steps and sigma_steps and abs(best_steps - sigma_steps) > \
-            0.25 * sigma_steps:  # sigma was measured on other models than the best: say so where it is read
-        why += (f" -- measured on runs of ~{sigma_steps:.0f} steps, the best runs ~{best_steps:.0f}: "
-                "make baseline REPEATS=4 measures it on the best")
     led.update(best_score=score, best_runs=runs, threshold=thr, threshold_why=why, winner=None,
                notes=list(led.get("plan_notes", [])))
     ok = []
