@@ -736,7 +736,7 @@ def decide(led):
             mine = R.number(c["result"]["summary"].get("num_steps"))
             if best_steps and mine and abs(mine - best_steps) > 0.25 * best_steps:
                 led["notes"].append(f"the winner ran {mine:.0f} steps, the old best {best_steps:.0f}: the noise "
-                                    "may have changed; re-measure it with make baseline REPEATS=4")
+                                    "may have changed; the next round's two controls measure it")
         break
     steps = [R.number(c["result"]["summary"].get("num_steps")) for c in cands if c not in ctrl]
     steps = [x for x in steps if x]
