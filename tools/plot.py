@@ -13,7 +13,6 @@ the (tag, profile, gpu, backend) of the most recent row; --tag/--profile pick an
 import argparse
 import importlib.util
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -49,9 +48,8 @@ def plot(rows, key, out):
     keep = [(x, v, r) for x, v, r in ok if r["status"] == "keep"]
     if disc:
         ax.scatter(*zip(*disc, strict=True), s=18, c="#b0b0b0", label="discarded", zorder=2)
-    is_control = lambda r: re.fullmatch(r"c0b?|base\d+", r["candidate"])
-    won = [(x, v) for x, v, r in keep if not is_control(r)]
-    ctl = [(x, v) for x, v, r in keep if is_control(r)]
+    won = [(x, v) for x, v, r in keep if not R.CONTROL.fullmatch(r["candidate"])]
+    ctl = [(x, v) for x, v, r in keep if R.CONTROL.fullmatch(r["candidate"])]
     if ctl:
         ax.scatter(*zip(*ctl, strict=True), s=30, facecolors="none", edgecolors="#1f9e4a", linewidths=1.2,
                    label="control (the best, re-run)", zorder=4)

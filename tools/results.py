@@ -28,6 +28,7 @@ KV = re.compile(r"^([A-Za-z_]\w*):\s+(\S.*?)\s*$")
 EXPIRED = "expired: the backend no longer keeps the result (the run itself did not fail); run it again"
 NUM = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
+CONTROL = re.compile(r"c0b?|base\d+")  # a candidate label that is the best re-run: c0, c0b, make baseline's
 ERROR = re.compile(r"^(FAIL\b|[\w.]*(Error|Exception|Interrupt)\b)|\b(error|killed|out of memory)\b", re.I)
 
 

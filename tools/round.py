@@ -287,7 +287,7 @@ def noise(st):
     each commit. A winner's own run is left out: it was picked for being low, and it ran in another round."""
     groups = {}
     for r in rows_of(st):
-        if r.score is not None and re.fullmatch(r"c0b?|base\d+", r["candidate"]):
+        if r.score is not None and R.CONTROL.fullmatch(r["candidate"]):
             groups.setdefault(r["commit"], []).append(r.score)
     groups = [g for g in groups.values() if len(g) > 1]
     dof = sum(len(g) - 1 for g in groups)
@@ -640,7 +640,7 @@ def controls(st, tag, best):
     """c0 and c0b until the best has two control runs under this setting: a winner's own run does not count
     (it was picked for being low), so the noise is measured on every new best."""
     runs = [r for r in rows_of(st, tag) if r.score is not None and best.startswith(r["commit"])
-            and re.fullmatch(r"c0b?|base\d+", r["candidate"])]
+            and R.CONTROL.fullmatch(r["candidate"])]
     return [(lb, best, "control: the best, unchanged") for lb in ["c0", "c0b"][:max(0, 2 - len(runs))]]
 
 
