@@ -128,18 +128,29 @@ def test_copied_project_sweep_round_keeps_the_winner_as_plain_code(proj):
     assert rows(proj)[6]["description"] == hostile and not (proj / "pwned").exists()
 
 
-def test_a_round_without_controls_says_when_every_candidate_ran_far_fewer_steps(proj):
-    """A busier machine (here: STEPS) slows every candidate alike; with no control in the round, the table says so."""
+def test_a_round_without_controls_keeps_no_winner_when_every_candidate_ran_far_fewer_steps(proj):
+    """A busier machine (here: STEPS) slows every candidate alike; with no control in the round, no score
+    compares with the best's: no winner, and the candidates may run again once the best is measured."""
     rnd(proj, "round", "--k=1", "--sweep=MATRIX_LR=0.09", "--tag=t", check=0)  # no winner: the best keeps 2 runs
     for i, lr in ((1, "0.05"), (2, "0.07")):
         branch(proj, f"autoresearch/t-r2-c{i}", ("train.py", "STEPS = 953", f"STEPS = 600\nMATRIX_LR = {lr}"))
     r = rnd(proj, "round", "--k=2", "--tag=t", check=0)
-    assert "c0 " not in r.stdout and "note: every candidate ran fewer steps (600-600) than the best's runs (953" \
-        in r.stdout, r.stdout
+    assert "c0 " not in r.stdout and "note: no winner kept: every candidate ran fewer steps (600-600) than the " \
+        "best's runs (953" in r.stdout and "refs/autoresearch/t/r2-c<i>" in r.stdout, r.stdout
+    assert "no winner: autoresearch/t stays at" in r.stdout, r.stdout  # c1 beat the best by far, all the same
+    assert [x["status"] for x in rows(proj)[-2:]] == ["discard", "discard"]
+    assert all("not compared" in x["description"] for x in rows(proj)[-2:])
+    score = [ln for ln in r.stdout.splitlines() if ln.startswith("round 2")][0].split("val_bpb ")[1]
+    # measured again, the best's score leaves the not-compared rows out, and c1 may run again
+    rnd(proj, "baseline", "--repeats=2", "--tag=t", check=0)
+    git(proj, "branch", "autoresearch/t-r3-c1", "refs/autoresearch/t/r2-c1")
+    r = rnd(proj, "round", "--k=1", "--tag=t", check=0)
     assert "winner: c1" in r.stdout and "note: the winner ran 600 steps, the old best 953" in r.stdout, r.stdout
-    # the new best's only run is its winning one: the next round measures it twice
+    assert "(mean of 4 run(s))" in r.stdout.splitlines()[0] and score.split()[0] not in r.stdout.splitlines()[0]
+    # the new best's only compared run is its winning one: the next round measures it twice
     r = rnd(proj, "round", "--k=1", "--sweep=DEPTH=7", "--tag=t", check=0)
     assert [x["candidate"] for x in rows(proj)[-3:]] == ["c0", "c0b", "c1"], r.stdout
+    assert "(mean of 3 run(s))" in r.stdout.splitlines()[0], r.stdout
 
 
 def test_rules_of_the_game_refuse_before_anything_runs(proj):

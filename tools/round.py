@@ -83,6 +83,7 @@ DETACHED = None  # in a detached driver: its driver.json
 
 
 NOTES = []  # notes made while preparing the candidates, printed again below the table
+NOT_COMPARED = " -- not compared: the machine's load changed"  # such a candidate may run again
 
 
 class UsageError(Exception):
@@ -274,9 +275,14 @@ def rows_of(st, tag=None):
     return [r for r in R.read_rows(RESULTS, METRIC) if all(r[k] == st[k] for k in st) and (not tag or r["tag"] == tag)]
 
 
+def counted(r):
+    """A scored row that compares: not one from a round the machine's load made incomparable."""
+    return r.score is not None and NOT_COMPARED not in r["description"]
+
+
 def best_score(st, tag, commit):
     """(mean score, number of runs, mean training_seconds, mean num_steps) of the best commit under this setting."""
-    runs = [r for r in rows_of(st, tag) if r.score is not None and commit.startswith(r["commit"])]
+    runs = [r for r in rows_of(st, tag) if counted(r) and commit.startswith(r["commit"])]
     mean = lambda xs: sum(xs) / len(xs) if xs else None
     of = lambda key: mean([v for r in runs if (v := R.number(r[key]))])
     return mean([r.score for r in runs]), len(runs), of("training_seconds"), of("num_steps")
@@ -602,7 +608,7 @@ def candidates(tag, n, k, sweep, best, st):
         if rev(f"refs/heads/autoresearch/{tag}-r{n}-c{k + 1}"):
             log(f"warning: autoresearch/{tag}-r{n}-c{k + 1} exists but K={k}; it is not part of this round "
                 "(rename it for the next round, or delete it)")
-    ran = [r["commit"] for r in rows_of(st, tag) if r.score is not None]
+    ran = [r["commit"] for r in rows_of(st, tag) if counted(r)]
     ran = dict(zip(code_of(ran, path), ran, strict=True))  # the same code, whatever the commit or comments
     best_code, *codes = code_of([best] + [sha for _, sha, _ in made], path)
     bad = []  # every refused candidate at once, one line each
@@ -717,6 +723,15 @@ def decide(led):
     thr, why = threshold(st)
     led.update(best_score=score, best_runs=runs, threshold=thr, threshold_why=why, winner=None,
                notes=list(led.get("plan_notes", [])))
+    steps = [x for c in cands if c not in ctrl and (x := R.number(c["result"]["summary"].get("num_steps")))]
+    moved = (led["kind"] == "round" and not ctrl and best_steps and len(steps) > 1
+             and (max(steps) < 0.8 * best_steps or min(steps) > 1.25 * best_steps))  # all slower or all faster
+    if moved:  # the machine's load changed since the best ran: no score here compares with the best's
+        led["notes"].append(f"no winner kept: every candidate ran {'fewer' if max(steps) < best_steps else 'more'} "
+                            f"steps ({min(steps):.0f}-{max(steps):.0f}) than the best's runs ({best_steps:.0f} on "
+                            "average) and no control ran, so the machine's load changed and no score compares with "
+                            "the best's; run make baseline REPEATS=4, then these candidates may run again (their "
+                            f"commits are refs/autoresearch/{tag}/r{led['n']}-c<i>, or the same SWEEP)")
     ok = []
     for c in cands if led["kind"] == "round" else []:  # a candidate that trained longer is never kept
         t = R.number(c["result"]["summary"].get("training_seconds"))
@@ -725,6 +740,9 @@ def decide(led):
                 c["description"] += f" -- not kept: trained {t:.0f} s, the best {secs:.0f} s (over the budget)"
             led["notes"].append(f"{c['label']} trained {t:.0f} s, the best {secs:.0f} s: over the budget, so its "
                                 "score is not comparable and it is never kept")
+        elif c["status"] == "discard" and moved:
+            if NOT_COMPARED not in c["description"]:
+                c["description"] += NOT_COMPARED
         elif c["status"] == "discard":
             ok.append(c)
     for c in sorted(ok, key=lambda c: SIGN * c["result"]["value"]):
@@ -738,14 +756,6 @@ def decide(led):
                 led["notes"].append(f"the winner ran {mine:.0f} steps, the old best {best_steps:.0f}: the noise "
                                     "may have changed; the next round's two controls measure it")
         break
-    steps = [R.number(c["result"]["summary"].get("num_steps")) for c in cands if c not in ctrl]
-    steps = [x for x in steps if x]
-    if led["kind"] == "round" and not ctrl and best_steps and len(steps) > 1 and (
-            max(steps) < 0.8 * best_steps or min(steps) > 1.25 * best_steps):  # all slower or all faster
-        led["notes"].append(f"every candidate ran {'fewer' if max(steps) < best_steps else 'more'} steps "
-                            f"({min(steps):.0f}-{max(steps):.0f}) than the best's runs ({best_steps:.0f} on average): "
-                            "a busier or quieter machine moves every score; no control ran this round, so "
-                            "make baseline REPEATS=4 tells")
     R.append_rows(RESULTS, [row(led, c, c["status"]) for c in cands if c not in ctrl], METRIC)
 
 
