@@ -105,7 +105,7 @@ def jobs(p):
 
 def test_copied_project_sweep_round_keeps_the_winner_as_plain_code(proj):
     r = rnd(proj, "round", "--k=2", "--sweep=MATRIX_LR=0.05,0.09", "--tag=t", check=0)
-    assert "winner: c1" in r.stdout, r.stdout
+    assert "winner: c1" in r.stdout and "(the code the tag started from) val_bpb" in r.stdout.splitlines()[0], r.stdout
     best = git(proj, "show", "autoresearch/t:train.py")
     assert "MATRIX_LR = 0.05          # Muon learning rate" in best.splitlines()
     assert git(proj, "diff", "--name-only", "master", "autoresearch/t") == "train.py"
@@ -208,6 +208,7 @@ def test_a_sweep_over_an_expression_says_so_below_the_table(proj):
     r = rnd(proj, "round", "--k=1", "--sweep=SLEEP=0.31", "--tag=t", check=0)
     below = r.stdout[r.stdout.index("\nc1 "):]
     assert "note: train.py has SLEEP = 0.3 if DEPTH else 0.2; SWEEP SLEEP=0.31 replaced it on every profile" in below
+    assert "note:" not in r.stderr  # said once, where the table is read
 
 
 def test_crash_reason_reaches_results_tsv(proj):

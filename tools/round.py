@@ -232,9 +232,8 @@ def set_constant(source, name, value, path):
         a, b = ast.literal_eval(old), ast.literal_eval(value)
     except (ValueError, SyntaxError):  # an expression (`2 if SMALL else 8`): the value replaces all of it
         note = f"{path} has {name} = {old}; SWEEP {name}={value} replaced it on every profile"
-        if note not in NOTES:  # a grid sets each value in several candidates
+        if note not in NOTES:  # a grid sets each value in several candidates; printed below the table
             NOTES.append(note)
-            log(f"note: {note}")
     else:
         if type(a) is not type(b) and not {type(a), type(b)} <= {int, float}:
             raise UsageError(f"SWEEP {name}={value}: {path} has {name} = {old} ({type(a).__name__})")
@@ -782,7 +781,9 @@ def advance(led):
 def report(led):
     st, tag, score = led["setting"], led["tag"], led.get("best_score")
     what = {"round": f"round {led['n']}", "baseline": f"baseline {led['label']}", "promote": f"promote {led['label']}"}
-    subject = git("log", "-1", "--format=%s", led["best"])  # which idea the best is
+    won = any(r["status"] == "keep" and not R.CONTROL.fullmatch(r["candidate"]) and led["best"].startswith(r["commit"])
+              for r in rows_of(st, tag))  # which idea the best is: a winner's subject, or where the tag began
+    subject = git("log", "-1", "--format=%s", led["best"]) if won else "the code the tag started from"
     subject = subject if len(subject) <= 60 else subject[:57].rstrip() + "..."
     print(f"{what[led['kind']]} of tag {tag} on {st['backend']}/{st['gpu']}/{st['profile']}: best "
           f"{led['best'][:7]} ({subject}) {METRIC} {'-' if score is None else f'{score:.6f}'} "

@@ -87,7 +87,7 @@ ROPE_BASE = 10000.0       # rotary embedding base frequency
 VALUE_EMBEDS = True       # value embeddings (ResFormer) on alternating layers, gated per head
 
 # ---- Batch ----
-TOTAL_BATCH_SIZE = 16 * 256 if SMALL else 2**19  # tokens per optimizer step (gradient accumulation makes up the rest)
+TOTAL_BATCH_SIZE = 16 * 256 if SMALL else 2**19  # tokens per optimizer step: a multiple of DEVICE_BATCH_SIZE * context
 DEVICE_BATCH_SIZE = 16 if SMALL else 128  # sequences per forward/backward pass; lower it if you run out of memory
 
 # ---- Optimizer: Muon for the 2-D weight matrices, AdamW for embeddings and scalars ----

@@ -4,11 +4,11 @@
 # Usage: examples/cpu-tiny/run.sh [OUT_DIR]     (default OUT_DIR: examples/cpu-tiny)
 #   Works in a temporary clone of HEAD (your checkout, branches and .ar/ are untouched; the clone
 #   uses this checkout's .venv) and copies results.tsv, progress.png and each round's table into
-#   OUT_DIR. Round 1: a SWEEP of MATRIX_LR (four commits, plus the controls c0 and c0b), then
-#   `make baseline REPEATS=4` as the prompts say when sigma is rough. Round 2: four
-#   candidate branches with code edits, prepared the way an agent would (autoresearch/<tag>-r2-c<i>,
-#   each one commit on the current best). Round 3: a SWEEP of WARMDOWN_RATIO on the new best.
-#   About 8 minutes on 2 cores.
+#   OUT_DIR. First `make baseline REPEATS=4`, as the prompts say (four runs of the unchanged
+#   train file, for sigma). Round 1: a SWEEP of MATRIX_LR (four commits). Round 2: four candidate
+#   branches with code edits, prepared the way an agent would (autoresearch/<tag>-r2-c<i>, each one
+#   commit on the current best). Round 3: a SWEEP of WARMDOWN_RATIO on the best.
+#   About 6 minutes on 2 cores.
 # Env: AR_CACHE_DIR (data cache, default ~/.cache/autoresearch), AR_LOCAL_SLOTS (default: CPU cores)
 set -euo pipefail
 case ${1:-} in -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;; esac
@@ -31,11 +31,11 @@ start=$(git rev-parse HEAD)
 "$py" prepare/prepare.py >&2
 round() { "$py" tools/round.py round --backend=local --tag=example "$@"; }
 
+echo "worked example: baseline (four runs of the unchanged train file, for sigma)" >&2
+"$py" tools/round.py baseline --backend=local --tag=example --repeats=4 | tee "$out/baseline1.txt"
+
 echo "worked example: round 1 (SWEEP)" >&2
 round --k=4 --sweep="MATRIX_LR=0.02,0.03,0.05,0.06" | tee "$out/round1.txt"
-
-echo "worked example: baseline (four re-runs of the new best, for sigma)" >&2
-"$py" tools/round.py baseline --backend=local --tag=example --repeats=4 | tee "$out/baseline1.txt"
 
 echo "worked example: round 2 (four candidate branches)" >&2
 edit() {  # edit BRANCH DESCRIPTION SED-EXPRESSION: one candidate branch off the current best
