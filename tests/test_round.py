@@ -363,6 +363,7 @@ def test_baseline_repeats_are_real_reruns_and_pool_into_sigma(proj):
     r = rnd(proj, "baseline", "--repeats=3", "--tag=t", check=0)
     assert len({x["job_id"] for x in rows(proj)}) == len(rows(proj)) == 6
     assert "sigma" in r.stdout and "from 5 runs of 2 commit(s)" in r.stdout, r.stdout
+    assert "next round: 2 (branches autoresearch/t-r2-c1.." in r.stdout, r.stdout
     assert "(4 run(s))" in rnd(proj, "status", "--tag=t", check=0).stdout
 
 

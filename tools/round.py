@@ -807,8 +807,9 @@ def report(led):
         print(f"winner: {w['label']} {w['result']['value']:.6f} -> autoresearch/{tag} "
               f"{'now at' if moved else 'NOT moved (see the note); the winner is'} {w['commit'][:10]}" if w
               else f"no winner: autoresearch/{tag} stays at {led['best'][:10]}")
-        print(f"next round: {led['n'] + 1} (branches autoresearch/{tag}-r{led['n'] + 1}-c1.. from "
-              f"autoresearch/{tag}, or SWEEP=...)")
+    if led["kind"] != "promote":  # a baseline is followed by the round after the last one
+        nxt = led["n"] + 1 if led["kind"] == "round" else max([m for m, _ in ledgers(tag, "r")] + [0]) + 1
+        print(f"next round: {nxt} (branches autoresearch/{tag}-r{nxt}-c1.. from autoresearch/{tag}, or SWEEP=...)")
 
 
 def run(path, led, backend, sig):
