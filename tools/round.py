@@ -24,7 +24,9 @@ A round, step by step (each step a command you could run by hand):
               max), kept when it beats the best's score (the mean of every run of the best commit under
               this setting) by more than the threshold: AR_MIN_DELTA, else 2 sigma, sigma pooled over
               the control runs of each commit (c0, c0b, make baseline's) under this setting. A
-              candidate that trained more than 10% longer than the best is not kept. The winner is
+              candidate that trained more than 10% longer than the best is not kept; nor is any in a
+              round without controls whose candidates all ran >25% more or >20% fewer steps than the
+              best (the machine's load changed: they may run again after a baseline). The winner is
               fast-forwarded, so the best branch reads as plain code (a checked-out best is left
               alone: the table names the `git merge --ff-only` to run). Candidate branches move to
               refs/autoresearch/<tag>/r<N>-c<i>.
