@@ -387,6 +387,11 @@ def ledgers(tag, prefix):
     return sorted(found)
 
 
+def next_n(tag, prefix):
+    """N of a tag's next round (r), baseline (b) or promote (p): an abandoned N is free again."""
+    return max([m for m, _ in ledgers(tag, prefix)] + [0]) + 1
+
+
 def unfinished_ledgers(tag=None):
     tags = [tag] if tag else [d.name for d in STATE.iterdir() if d.is_dir()] if STATE.is_dir() else []
     return [(p, led) for t in tags for pre in "rbp" for _, p in ledgers(t, pre)
@@ -810,7 +815,7 @@ def report(led):
               f"{'now at' if moved else 'NOT moved (see the note); the winner is'} {w['commit'][:10]}" if w
               else f"no winner: autoresearch/{tag} stays at {led['best'][:10]}")
     if led["kind"] != "promote":  # a baseline is followed by the round after the last one
-        nxt = led["n"] + 1 if led["kind"] == "round" else max([m for m, _ in ledgers(tag, "r")] + [0]) + 1
+        nxt = led["n"] + 1 if led["kind"] == "round" else next_n(tag, "r")
         print(f"next round: {nxt} (branches autoresearch/{tag}-r{nxt}-c1.. from autoresearch/{tag}, or SWEEP=...)")
 
 
@@ -851,7 +856,7 @@ def start(args, kind, make_cands, spec, given=True):
             check_budget(led["setting"], sum(1 for c in led["candidates"] if not c["job_id"] and not c["result"]))
         else:
             pre = {"round": "r", "baseline": "b", "promote": "p"}[kind]
-            n = max([m for m, _ in ledgers(tag, pre)] + [0]) + 1  # an abandoned N is free again
+            n = next_n(tag, pre)
             best = rev(f"refs/heads/autoresearch/{tag}")
             cands = make_cands(tag, n, best or rev("HEAD"), st)
             check_budget(st, len(cands))
